@@ -1,0 +1,352 @@
+"""The one run configuration.
+
+A run is described by a TOML file (``jobs/configs/*.toml``) plus ``--set section.key=value``
+overrides. It is validated once, here, into :class:`Config`; every stage receives the same
+object and the resolved config is written next to the outputs (``<output.root>/config.toml``).
+
+Every section forbids unknown keys so that a typo is an error naming the key, not a silently
+ignored setting. Every default carries a one-line comment: what it means and its unit.
+
+Stage owners: add keys only to your own section class below.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+CELEBA_ATTRIBUTES: tuple[str, ...] = (
+    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs",
+    "Big_Lips", "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair",
+    "Bushy_Eyebrows", "Chubby", "Double_Chin", "Eyeglasses", "Goatee", "Gray_Hair",
+    "Heavy_Makeup", "High_Cheekbones", "Male", "Mouth_Slightly_Open", "Mustache",
+    "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin", "Pointy_Nose", "Receding_Hairline",
+    "Rosy_Cheeks", "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair", "Wearing_Earrings",
+    "Wearing_Hat", "Wearing_Lipstick", "Wearing_Necklace", "Wearing_Necktie", "Young",
+)
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class DataConfig(_Section):
+    # Which adapter reads the collection: celeba, utkface, lfw or folder (no labels).
+    dataset: Literal["celeba", "utkface", "lfw", "folder"] = "celeba"
+    # Where images and annotation files live: a local path or s3://bucket/prefix.
+    root: str = "data/sample"
+    # Fractions of images put in train/val for datasets without an official split (sum < 1).
+    split_fractions: tuple[float, float] = (0.8, 0.1)
+    # Keep only the first N manifest rows (after sorting by image_id); 0 keeps all.
+    limit: int = Field(default=0, ge=0)
+
+
+class OutputConfig(_Section):
+    # Where this run's tables go: a local path or s3://bucket/prefix.
+    root: str = "runs/demo"
+
+
+class RunConfig(_Section):
+    # The one seed every random step derives its own seed from.
+    seed: int = 0
+    # Stages rerun even when complete (names as in jobs.run; "all" reruns every stage).
+    force: list[str] = Field(default_factory=list)
+
+
+class StorageConfig(_Section):
+    # S3 endpoint URL (http://host:port for MinIO/SeaweedFS); empty uses AWS's default.
+    endpoint_url: str = ""
+    # S3 region name; empty lets the AWS chain decide.
+    region: str = ""
+    # Access key id; empty means the standard AWS credential chain (env, profile, role).
+    access_key_id: str = Field(default="", repr=False)
+    # Secret access key; empty means the standard AWS credential chain.
+    secret_access_key: str = Field(default="", repr=False)
+    # Allow anonymous (unsigned) access when no credentials are found; off = error instead.
+    anonymous: bool = False
+    # Seconds to wait for a connection before calling the endpoint unreachable.
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+
+
+class RayConfig(_Section):
+    # Cluster address ("auto", "ray://host:10001"); empty uses RAY_ADDRESS or starts Ray in-process.
+    address: str = ""
+    # CPUs for an in-process Ray started by this job; 0 lets Ray use all cores.
+    num_cpus: int = Field(default=0, ge=0)
+    # GPUs for an in-process Ray started by this job; -1 lets Ray detect them.
+    num_gpus: int = Field(default=-1, ge=-1)
+    # Object store size for an in-process Ray, in MiB; 0 lets Ray choose.
+    object_store_mib: int = Field(default=0, ge=0)
+    # Allow running on CPU when the config asks for GPUs and the cluster has none.
+    allow_cpu_fallback: bool = False
+
+
+class TrainConfig(_Section):
+    # Attributes the model predicts; empty means every boolean attribute in the manifest.
+    attributes: list[str] = Field(default_factory=list)
+    # Backbone architecture (torchvision name).
+    arch: Literal["mobilenet_v2"] = "mobilenet_v2"
+    # Initial weights: "imagenet" (torch cache only), "none" (random), or a path/URI to a state dict.
+    pretrained: str = "none"
+    # Square input size in pixels after resize.
+    image_size: int = Field(default=64, ge=16)
+    # Passes over the training split.
+    epochs: int = Field(default=3, ge=1)
+    # Images per training step per worker.
+    batch_size: int = Field(default=64, ge=1)
+    # Peak learning rate for AdamW.
+    lr: float = Field(default=2e-3, gt=0)
+    # AdamW weight decay.
+    weight_decay: float = Field(default=1e-4, ge=0)
+    # Learning-rate schedule over the run.
+    schedule: Literal["cosine", "constant"] = "cosine"
+    # Weight rare attributes' positives by (neg/pos) clipped to this value; 0 disables.
+    pos_weight_max: float = Field(default=0.0, ge=0)
+    # Random horizontal flips / small crops during training.
+    augment: bool = True
+    # Ray Train workers (DDP ranks).
+    num_workers: int = Field(default=1, ge=1)
+    # Use GPUs for training: "auto" uses them when the cluster has any.
+    use_gpu: Literal["auto", "true", "false"] = "auto"
+    # CPUs each training worker requests (fractional so Ray Data tasks are not starved).
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    # Tune a per-attribute decision threshold on the val split (else 0.5).
+    tune_thresholds: bool = False
+    # Stop after this many training steps per epoch; 0 = full epoch (for smoke tests).
+    max_steps_per_epoch: int = Field(default=0, ge=0)
+
+
+class ExtractConfig(_Section):
+    # Embedding backbone: resnet50 (2048-d), attribute_backbone (trained model's pooled features), facenet.
+    embedding: Literal["resnet50", "attribute_backbone", "facenet"] = "resnet50"
+    # Embedding weights: "imagenet", "none" (random init) or a path/URI to a state dict.
+    embedding_weights: str = "none"
+    # Input size in pixels for the embedding model.
+    embedding_image_size: int = Field(default=224, ge=16)
+    # Images per inference batch.
+    batch_size: int = Field(default=64, ge=1)
+    # Inference actor pool lower bound.
+    min_actors: int = Field(default=1, ge=1)
+    # Inference actor pool upper bound (autoscaling).
+    max_actors: int = Field(default=1, ge=1)
+    # GPUs each inference actor requests; "auto" = 1 when the cluster has GPUs, else 0.
+    gpus_per_actor: float | Literal["auto"] = "auto"
+    # CPUs each inference actor requests.
+    cpus_per_actor: float = Field(default=1.0, gt=0)
+    # CPUs each decode task requests.
+    cpus_per_decode_task: float = Field(default=0.5, gt=0)
+    # Rows per output Parquet file.
+    rows_per_file: int = Field(default=20000, ge=1)
+
+
+class ClusterConfig(_Section):
+    # Feature spaces to cluster: embedding, semantic, annotations.
+    spaces: list[Literal["embedding", "semantic", "annotations"]] = Field(
+        default_factory=lambda: ["embedding", "semantic", "annotations"]
+    )
+    # Algorithms swept.
+    algorithms: list[Literal["kmeans", "gmm", "agglomerative", "hdbscan"]] = Field(
+        default_factory=lambda: ["kmeans", "gmm", "agglomerative", "hdbscan"]
+    )
+    # Smallest k tried.
+    k_min: int = Field(default=2, ge=2)
+    # Largest k tried.
+    k_max: int = Field(default=8, ge=2)
+    # Fixed k for the final model; 0 chooses k by `k_rule`.
+    k: int = Field(default=0, ge=0)
+    # Rule that picks k from the sweep.
+    k_rule: Literal["silhouette", "davies_bouldin", "calinski_harabasz"] = "silhouette"
+    # Algorithm whose chosen model defines the cluster column used downstream.
+    primary_algorithm: Literal["kmeans", "gmm", "agglomerative", "hdbscan"] = "kmeans"
+    # Feature space whose clusters the classify/explain stages use.
+    primary_space: Literal["embedding", "semantic", "annotations"] = "semantic"
+    # PCA components for the embedding space.
+    pca_components: int = Field(default=50, ge=2)
+    # Rows PCA is fitted on (seeded sample).
+    pca_fit_rows: int = Field(default=20000, ge=10)
+    # Semantic space uses 0/1 (threshold 0.5) instead of probabilities.
+    binarize_semantic: bool = False
+    # Above this many rows K-Means becomes MiniBatchKMeans.
+    minibatch_threshold: int = Field(default=50000, ge=1)
+    # Rows agglomerative / HDBSCAN are fitted on (rest assigned to nearest centroid).
+    sample_rows: int = Field(default=5000, ge=10)
+    # Rows silhouette is computed on (quadratic cost).
+    silhouette_rows: int = Field(default=5000, ge=10)
+    # Attributes NMI / ARI / purity are measured against.
+    reference_attributes: list[str] = Field(
+        default_factory=lambda: ["Male", "Smiling", "Young", "Eyeglasses", "Blond_Hair"]
+    )
+    # Attributes whose per-cluster composition is tested (chi-square).
+    demographic_attributes: list[str] = Field(
+        default_factory=lambda: ["Male", "Young", "Pale_Skin"]
+    )
+    # Rows embedded in the 2-D map.
+    map_rows: int = Field(default=3000, ge=10)
+    # 2-D map method: tsne, or umap when installed.
+    map_method: Literal["tsne", "umap"] = "tsne"
+    # Attributes named in each cluster's readable label.
+    label_terms: int = Field(default=3, ge=1)
+    # CPUs each sweep task requests.
+    cpus_per_task: float = Field(default=1.0, gt=0)
+
+
+class ClassifyConfig(_Section):
+    # The subjective label classified.
+    target: str = "Attractive"
+    # Feature sources: semantic (predicted attributes), annotations (ground truth), embedding (PCs).
+    features: list[Literal["semantic", "annotations", "embedding"]] = Field(
+        default_factory=lambda: ["semantic"]
+    )
+    # Models trained.
+    models: list[Literal["random_forest", "logistic_regression", "hist_gradient_boosting"]] = Field(
+        default_factory=lambda: ["random_forest", "logistic_regression"]
+    )
+    # Undersampling strategies of the training split.
+    samplings: list[Literal["none", "class", "cluster", "cluster_class"]] = Field(
+        default_factory=lambda: ["none", "class", "cluster", "cluster_class"]
+    )
+    # Train one model per cluster as well as the global one.
+    per_cluster: bool = True
+    # Hyper-parameters per model name, passed to the estimator (validated by it).
+    params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # Feature selection: none, mutual_info or model importance; keeps `select_k` features.
+    feature_selection: Literal["none", "mutual_info", "importance"] = "none"
+    # Features kept by feature selection.
+    select_k: int = Field(default=20, ge=1)
+    # Sensitive attributes for disaggregated metrics.
+    sensitive: list[str] = Field(default_factory=lambda: ["Male", "Young", "Pale_Skin"])
+    # Bootstrap resamples for confidence intervals.
+    bootstrap: int = Field(default=200, ge=0)
+    # Confidence level of the intervals.
+    ci_level: float = Field(default=0.95, gt=0, lt=1)
+    # CPUs each fit task requests.
+    cpus_per_task: float = Field(default=1.0, gt=0)
+
+
+class ExplainConfig(_Section):
+    # Models explained (names as in classify.models); empty = all.
+    models: list[str] = Field(default_factory=list)
+    # Sampling strategies explained; empty = all.
+    samplings: list[str] = Field(default_factory=lambda: ["none"])
+    # Test rows explained per model; 0 = all.
+    max_rows: int = Field(default=2000, ge=0)
+    # Background rows for the explainers.
+    background_rows: int = Field(default=100, ge=1)
+    # Rows per Ray task.
+    block_rows: int = Field(default=250, ge=1)
+    # Additivity tolerance (absolute, in the explained output's units).
+    additivity_tol: float = Field(default=1e-3, gt=0)
+    # Features compared in top-k overlap.
+    top_k: int = Field(default=5, ge=1)
+    # CPUs each SHAP task requests.
+    cpus_per_task: float = Field(default=1.0, gt=0)
+
+
+class ReportConfig(_Section):
+    # Sample faces shown per cluster.
+    faces_per_cluster: int = Field(default=12, ge=0)
+    # Images averaged into each cluster's mean face.
+    mean_face_images: int = Field(default=200, ge=1)
+    # Figure resolution in dots per inch.
+    dpi: int = Field(default=110, ge=50)
+
+
+class Config(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
+    explain: ExplainConfig = Field(default_factory=ExplainConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+
+    @field_validator("cluster")
+    @classmethod
+    def _k_range(cls, v: ClusterConfig) -> ClusterConfig:
+        if v.k_max < v.k_min:
+            raise ValueError(f"k_max ({v.k_max}) must be >= k_min ({v.k_min})")
+        return v
+
+    def public_dict(self) -> dict[str, Any]:
+        """The config as plain data, with secrets blanked (what is written next to outputs)."""
+        d = self.model_dump(mode="json")
+        for key in ("access_key_id", "secret_access_key"):
+            if d["storage"].get(key):
+                d["storage"][key] = "***"
+        return d
+
+    def fingerprint(self, *sections: str) -> str:
+        """A short stable hash of the named sections; stages use it to know when to rerun."""
+        d = self.model_dump(mode="json")
+        blob = json.dumps({s: d[s] for s in sections}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set expects section.key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    path = key.strip().split(".")
+    if len(path) < 2 or not all(path):
+        raise ConfigError(f"--set key must look like section.key, got {key!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # design.md: a value that is not valid TOML is a plain string
+    return path, value
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown config key {loc!r}")
+        else:
+            lines.append(f"bad value for {loc!r}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid config: " + "; ".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML config, apply ``section.key=value`` overrides, validate once."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {exc}") from None
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {k!r} is not a section")
+        node[keys[-1]] = value
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def dump_toml(cfg: Config) -> str:
+    """The resolved config as TOML, secrets blanked."""
+    import tomli_w
+
+    return tomli_w.dumps(cfg.public_dict())

@@ -1,0 +1,117 @@
+"""Run the stages in order, skipping the complete ones.
+
+Each stage is a module with one public ``run(cfg) -> dict`` (its row counts and details). A
+stage is complete when ``run.json`` records it ``done`` with the same fingerprint: a hash of the
+config sections it reads plus its upstream stage's fingerprint, so a changed setting reruns that
+stage and everything after it. ``run.force`` / ``--force STAGE`` reruns a stage and its
+dependants.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from dataclasses import dataclass
+
+from pipeline import runlog
+from pipeline.config import Config
+
+log = logging.getLogger(__name__)
+
+
+class StageSkipped(Exception):
+    """Raised by a stage that has nothing to do for this config (the reason is recorded)."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # as in `jobs.<name>` and run.json
+    module: str  # module with the `run(cfg)` entry
+    sections: tuple[str, ...]  # config sections whose change reruns the stage
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("ingest", "pipeline.ingest", ("data",)),
+    Stage("train_attributes", "pipeline.train", ("train",)),
+    Stage("extract", "pipeline.extract", ("extract",)),
+    Stage("cluster", "pipeline.cluster", ("cluster",)),
+    Stage("classify", "pipeline.classify", ("classify",)),
+    Stage("explain", "pipeline.explain", ("explain",)),
+    Stage("report", "pipeline.report", ("report",)),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+def _available() -> list[Stage]:
+    out = []
+    for s in STAGES:
+        if importlib.util.find_spec(s.module) is not None:
+            out.append(s)
+    return out
+
+
+def fingerprints(cfg: Config) -> dict[str, str]:
+    """Each stage's fingerprint, chained so upstream changes propagate downstream."""
+    out: dict[str, str] = {}
+    upstream = cfg.fingerprint("run")[:0] + str(cfg.run.seed)
+    for s in STAGES:
+        fp = cfg.fingerprint(*s.sections)
+        out[s.name] = f"{upstream}|{fp}"
+        import hashlib
+
+        out[s.name] = hashlib.sha256(out[s.name].encode()).hexdigest()[:16]
+        upstream = out[s.name]
+    return out
+
+
+def _forced(cfg: Config, extra: list[str]) -> set[str]:
+    names = list(cfg.run.force) + list(extra)
+    unknown = [n for n in names if n not in STAGE_NAMES and n != "all"]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown} in --force; stages are {list(STAGE_NAMES)}")
+    if "all" in names:
+        return set(STAGE_NAMES)
+    forced: set[str] = set()
+    for i, s in enumerate(STAGES):
+        if s.name in names:
+            forced.update(t.name for t in STAGES[i:])  # dependants rerun too
+    return forced
+
+
+def run_stage(cfg: Config, name: str, force: bool = False) -> dict:
+    """Run one stage through run.json tracking (skips it when complete and not forced)."""
+    from pipeline.ray_runtime import ensure_ray
+
+    stage = next((s for s in STAGES if s.name == name), None)
+    if stage is None:
+        raise ValueError(f"unknown stage {name!r}; stages are {list(STAGE_NAMES)}")
+    fp = fingerprints(cfg)[name]
+    if not force and name not in _forced(cfg, []) and runlog.is_complete(cfg, name, fp):
+        log.info("[%s] complete, skipped (use --force %s to rerun)", name, name)
+        return {"skipped": True}
+    module = importlib.import_module(stage.module)
+    ensure_ray(cfg)
+    t0 = time.time()
+    log.info("[%s] starting", name)
+    with runlog.track(cfg, name, fp) as details:
+        try:
+            result = module.run(cfg) or {}
+        except StageSkipped as why:
+            details["_status"] = "skipped"
+            details["reason"] = str(why)
+            log.warning("[%s] skipped: %s", name, why)
+            return {"skipped": True, "reason": str(why)}
+        details.update(result)
+    log.info("[%s] done in %.1f s: %s", name, time.time() - t0,
+             {k: v for k, v in result.items() if isinstance(v, (int, float, str))})
+    return result
+
+
+def run_all(cfg: Config, force: list[str] | None = None) -> dict[str, dict]:
+    """Every available stage in order; returns each stage's result."""
+    forced = _forced(cfg, force or [])
+    results = {}
+    for s in _available():
+        results[s.name] = run_stage(cfg, s.name, force=s.name in forced)
+    return results

@@ -1,0 +1,277 @@
+"""Local paths and ``s3://`` URIs behind one interface.
+
+Every stage reaches storage through :func:`filesystem` (a ``pyarrow.fs.FileSystem`` plus the
+path inside it), so the same code reads local disk and object storage. Credentials come from the
+config or, when it leaves them empty, from the standard AWS chain; they are never logged.
+
+Tables are folders of Parquet files. :func:`write_table` writes a file under a hidden temporary
+name and then moves it into place, so a reader that lists the folder (DuckDB, polars, Spark, all
+of which skip names starting with ``.`` or ``_``) never sees a half-written file; on S3 an object
+only becomes visible once its upload completes, which gives the same guarantee.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline.config import StorageConfig
+
+
+class StorageError(RuntimeError):
+    """Storage could not be used; the message names the URI and the cause in one line."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """A filesystem and a path inside it (no scheme)."""
+
+    fs: pafs.FileSystem
+    path: str
+    uri: str
+
+    def join(self, *parts: str) -> "Location":
+        path = posixpath.join(self.path, *parts)
+        uri = self.uri.rstrip("/") + "/" + "/".join(parts)
+        return Location(self.fs, path, uri)
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join_uri(base: str, *parts: str) -> str:
+    if is_s3(base):
+        return base.rstrip("/") + "/" + "/".join(p.strip("/") for p in parts)
+    return os.path.join(base, *parts)
+
+
+def _cfg_key(cfg: StorageConfig | None) -> tuple:
+    c = cfg or StorageConfig()
+    return (c.endpoint_url, c.region, c.access_key_id, c.secret_access_key, c.anonymous,
+            c.connect_timeout_s)
+
+
+@lru_cache(maxsize=16)
+def _s3fs(key: tuple) -> pafs.S3FileSystem:
+    endpoint, region, ak, sk, anonymous, timeout = key
+    kwargs: dict = {"connect_timeout": timeout, "request_timeout": max(30.0, timeout)}
+    if endpoint:
+        scheme = "https" if endpoint.startswith("https://") else "http"
+        kwargs["endpoint_override"] = endpoint.split("://", 1)[-1]
+        kwargs["scheme"] = scheme
+        kwargs["allow_bucket_creation"] = True
+    if region:
+        kwargs["region"] = region
+    elif endpoint:
+        kwargs["region"] = "us-east-1"  # local S3 servers ignore it; avoids a region lookup
+    ak = ak or os.environ.get("AWS_ACCESS_KEY_ID", "")
+    sk = sk or os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+    if ak and sk:
+        kwargs["access_key"] = ak
+        kwargs["secret_key"] = sk
+        token = os.environ.get("AWS_SESSION_TOKEN")
+        if token:
+            kwargs["session_token"] = token
+    elif anonymous:
+        kwargs["anonymous"] = True
+    # else: pyarrow uses the AWS default chain (profile, instance role, web identity)
+    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=3)
+    return pafs.S3FileSystem(**kwargs)
+
+
+def filesystem(uri: str, cfg: StorageConfig | None = None) -> Location:
+    """Turn a local path or ``s3://bucket/prefix`` into a :class:`Location`."""
+    if is_s3(uri):
+        return Location(_s3fs(_cfg_key(cfg)), uri[len("s3://"):].rstrip("/"), uri.rstrip("/"))
+    if "://" in uri and not uri.startswith("file://"):
+        raise StorageError(f"{uri}: unsupported scheme (use a local path or s3://bucket/prefix)")
+    path = os.path.abspath(uri[len("file://"):] if uri.startswith("file://") else uri)
+    return Location(pafs.LocalFileSystem(), path, path)
+
+
+def fsspec_filesystem(uri: str, cfg: StorageConfig | None = None):
+    """An fsspec filesystem for libraries that want one (same endpoint and credentials)."""
+    import fsspec
+
+    if not is_s3(uri):
+        return fsspec.filesystem("file")
+    c = cfg or StorageConfig()
+    opts: dict = {}
+    if c.endpoint_url:
+        opts["client_kwargs"] = {"endpoint_url": c.endpoint_url,
+                                 "region_name": c.region or "us-east-1"}
+    if c.access_key_id:
+        opts["key"], opts["secret"] = c.access_key_id, c.secret_access_key
+    elif c.anonymous and not os.environ.get("AWS_ACCESS_KEY_ID"):
+        opts["anon"] = True
+    return fsspec.filesystem("s3", **opts)
+
+
+def describe_error(uri: str, exc: BaseException) -> str:
+    """One line naming the URI and the cause, without the traceback wall."""
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    low = str(exc).lower()
+    if "access denied" in low or "access_denied" in low or "invalidaccesskeyid" in low or "signaturedoesnotmatch" in low \
+            or "403" in low or "forbidden" in low:
+        cause = "access denied (check the credentials: storage.access_key_id / AWS_* / profile)"
+    elif "nosuchbucket" in low or "bucket does not exist" in low or "bucket" in low and "not found" in low:
+        cause = "the bucket does not exist"
+    elif "curl" in low or "connect" in low or "timeout" in low or "timed out" in low \
+            or "resolve" in low:
+        cause = "the endpoint is unreachable (check storage.endpoint_url and the network)"
+    elif isinstance(exc, FileNotFoundError) or "not found" in low or "no such" in low:
+        cause = "not found (no such bucket, prefix or file)"
+    else:
+        cause = msg
+    return f"{uri}: {cause}"
+
+
+def _wrap(uri: str, exc: BaseException) -> StorageError:
+    return StorageError(describe_error(uri, exc))
+
+
+def exists(loc: Location) -> bool:
+    try:
+        return loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound
+    except (OSError, pa.ArrowException) as exc:
+        raise _wrap(loc.uri, exc) from None
+
+
+def check_readable(loc: Location) -> None:
+    """Fail early, in one line, when a root cannot be listed (bad keys, no bucket, no endpoint)."""
+    try:
+        info = loc.fs.get_file_info(loc.path)
+        if info.type == pafs.FileType.NotFound:
+            raise StorageError(f"{loc.uri}: not found (no such bucket, prefix or file)")
+        if info.type == pafs.FileType.Directory:
+            loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=False))
+    except StorageError:
+        raise
+    except (OSError, pa.ArrowException) as exc:
+        raise _wrap(loc.uri, exc) from None
+
+
+def list_files(loc: Location, recursive: bool = True) -> list[pafs.FileInfo]:
+    try:
+        infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=recursive,
+                                                       allow_not_found=True))
+    except (OSError, pa.ArrowException) as exc:
+        raise _wrap(loc.uri, exc) from None
+    return [i for i in infos if i.type == pafs.FileType.File]
+
+
+def read_bytes(loc: Location) -> bytes:
+    try:
+        with loc.fs.open_input_stream(loc.path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise StorageError(f"{loc.uri}: not found") from None
+    except (OSError, pa.ArrowException) as exc:
+        raise _wrap(loc.uri, exc) from None
+
+
+def write_bytes(loc: Location, data: bytes) -> None:
+    """Write a whole object atomically (temp name, then move; S3 puts are atomic already)."""
+    try:
+        parent = posixpath.dirname(loc.path)
+        loc.fs.create_dir(parent, recursive=True)
+        if isinstance(loc.fs, pafs.LocalFileSystem):
+            tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(loc.path)}")
+            with loc.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            os.replace(tmp, loc.path)
+        else:
+            with loc.fs.open_output_stream(loc.path) as f:
+                f.write(data)
+    except (OSError, pa.ArrowException) as exc:
+        raise _wrap(loc.uri, exc) from None
+
+
+def read_json(loc: Location) -> dict:
+    return json.loads(read_bytes(loc))
+
+
+def write_json(loc: Location, obj) -> None:
+    write_bytes(loc, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
+def delete(loc: Location) -> None:
+    """Remove a file or a whole folder; missing is fine."""
+    try:
+        info = loc.fs.get_file_info(loc.path)
+        if info.type == pafs.FileType.Directory:
+            loc.fs.delete_dir(loc.path)
+        elif info.type == pafs.FileType.File:
+            loc.fs.delete_file(loc.path)
+    except (OSError, pa.ArrowException) as exc:
+        raise _wrap(loc.uri, exc) from None
+
+
+def write_table(table: pa.Table, loc: Location, name: str = "part-00000.parquet",
+                metadata: dict[str, str] | None = None, schema: pa.Schema | None = None) -> Location:
+    """Write one Parquet file into the table folder ``loc`` atomically.
+
+    ``schema`` (when given) is enforced: the table is cast to it and a mismatch is an error.
+    ``metadata`` goes into the file's key-value metadata (model names, versions ...).
+    """
+    if schema is not None:
+        table = conform(table, schema)
+    if metadata:
+        merged = dict(table.schema.metadata or {})
+        merged.update({k.encode(): str(v).encode() for k, v in metadata.items()})
+        table = table.replace_schema_metadata(merged)
+    target = loc.join(name)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    write_bytes(target, buf.getvalue())
+    return target
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Select and cast ``table`` to ``schema`` (column order included); missing columns are errors."""
+    names = set(table.column_names)
+    missing = [f.name for f in schema if f.name not in names]
+    if missing:
+        raise ValueError(f"table lacks columns {missing} required by its schema")
+    cols = [table.column(f.name).cast(f.type) for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema.remove_metadata()).replace_schema_metadata(
+        schema.metadata)
+
+
+def parquet_files(loc: Location) -> list[str]:
+    """Visible Parquet files of a table folder (hidden/temporary names excluded), sorted."""
+    out = []
+    for info in list_files(loc, recursive=True):
+        rel = posixpath.relpath(info.path, loc.path)
+        if any(part.startswith((".", "_")) for part in rel.split("/")):
+            continue
+        if info.path.endswith(".parquet"):
+            out.append(info.path)
+    return sorted(out)
+
+
+def read_table(loc: Location, columns: Iterable[str] | None = None,
+               schema: pa.Schema | None = None) -> pa.Table:
+    """Read every visible Parquet file of a table folder into one table."""
+    files = parquet_files(loc)
+    if not files:
+        if schema is not None:
+            return schema.empty_table()
+        raise StorageError(f"{loc.uri}: no table here (no Parquet files)")
+    try:
+        ds = pads.dataset(files, filesystem=loc.fs, format="parquet", schema=schema)
+        return ds.to_table(columns=list(columns) if columns is not None else None)
+    except (OSError, pa.ArrowException) as exc:
+        raise _wrap(loc.uri, exc) from None
