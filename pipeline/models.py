@@ -1,0 +1,165 @@
+"""Networks and their weights: the attribute model and the embedding backbones.
+
+Weights are named by a spec string (design.md, "Models and weights"):
+
+* ``"none"``: random initialisation (tests, the demo);
+* ``"imagenet"``: torchvision's ImageNet weights, *only* if already in the torch hub cache
+  (``$TORCH_HOME/hub/checkpoints``); nothing here downloads;
+* a path or ``s3://`` URI of a state dict saved with ``torch.save(model.state_dict())``.
+
+A missing or mismatched weight file is an error naming the alternatives, never a silent
+fallback to random weights.
+
+The trained attribute model is exported by the train stage as ``model.pt`` (a plain state dict,
+loadable with ``torch.load(weights_only=True)``) plus ``model.json`` (architecture, attribute
+names, image size, normalisation, metrics); :func:`load_attribute_model` reads that pair.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline import storage
+from pipeline.config import StorageConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class WeightsError(ValueError):
+    """Weights that cannot be loaded; the message names the spec and the alternatives."""
+
+
+_ALTERNATIVES = ('use "none" for random initialisation, "imagenet" with torchvision\'s weights '
+                 'already in the torch cache ($TORCH_HOME/hub/checkpoints), or a path / s3:// '
+                 'URI of a state dict')
+
+
+def _imagenet_state_dict(weights_enum) -> dict[str, torch.Tensor]:
+    url = weights_enum.url
+    fname = os.path.basename(url)
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", fname)
+    if not os.path.exists(path):
+        raise WeightsError(f'pretrained "imagenet" needs {path} (torchvision\'s {fname}), which '
+                           f"is not in the torch cache and is never downloaded at run time; "
+                           f"copy it there, or {_ALTERNATIVES}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_state_dict(spec: str, storage_cfg: StorageConfig | None = None) -> dict[str, torch.Tensor]:
+    """Read a state dict from a path or URI (``weights_only``: no code is executed)."""
+    loc = storage.filesystem(spec, storage_cfg)
+    if not storage.exists(loc):
+        raise WeightsError(f"weight file {spec!r} does not exist; {_ALTERNATIVES}")
+    obj = torch.load(io.BytesIO(storage.read_bytes(loc)), map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise WeightsError(f"weight file {spec!r} holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def _apply(model: nn.Module, state: dict[str, torch.Tensor], spec: str, strict_prefix: str = "",
+           ignore: tuple[str, ...] = ()) -> None:
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if not k.startswith(ignore)} if ignore else state
+    missing = [k for k in own if k not in state and not k.startswith(ignore or ("\0",))]
+    shape_bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    unexpected = [k for k in state if k not in own]
+    if missing or shape_bad or unexpected:
+        raise WeightsError(
+            f"weights {spec!r} do not match the model: {len(missing)} missing "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
+            f"{len(shape_bad)} with another shape (e.g. {shape_bad[:3]}); {_ALTERNATIVES}")
+    model.load_state_dict(state, strict=False)
+
+
+class AttributeNet(nn.Module):
+    """MobileNetV2 with one logit per attribute; ``embed`` gives the pooled 1280-d features."""
+
+    def __init__(self, n_attributes: int, dropout: float = 0.2):
+        super().__init__()
+        from torchvision.models import mobilenet_v2
+
+        base = mobilenet_v2(weights=None)
+        self.features = base.features
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(base.last_channel, n_attributes)
+        self.embedding_dim = base.last_channel
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.pool(self.features(x)), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.embed(x)))
+
+
+def build_attribute_model(n_attributes: int, pretrained: str = "none",
+                          storage_cfg: StorageConfig | None = None) -> AttributeNet:
+    """A fresh attribute model; ``pretrained`` initialises the backbone (the head is new)."""
+    model = AttributeNet(n_attributes)
+    if pretrained == "none":
+        return model
+    if pretrained == "imagenet":
+        from torchvision.models import MobileNet_V2_Weights
+
+        state = _imagenet_state_dict(MobileNet_V2_Weights.IMAGENET1K_V1)
+        state = {k: v for k, v in state.items() if k.startswith("features.")}
+    else:
+        state = load_state_dict(pretrained, storage_cfg)
+    _apply(model, state, pretrained, ignore=("head.",))
+    return model
+
+
+@dataclass
+class AttributeModelInfo:
+    """What ``model.json`` holds next to the exported state dict."""
+
+    arch: str
+    attributes: list[str]
+    image_size: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    thresholds: list[float] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    version: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "AttributeModelInfo":
+        return cls(**json.loads(text))
+
+
+def export_attribute_model(model: nn.Module, info: AttributeModelInfo,
+                           loc: storage.Location) -> None:
+    """Write ``model.pt`` then ``model.json`` (the json's presence marks a complete export)."""
+    buf = io.BytesIO()
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save(state, buf)
+    storage.write_bytes(loc.join("model.pt"), buf.getvalue())
+    storage.write_bytes(loc.join("model.json"), info.to_json().encode())
+
+
+def load_attribute_model(loc: storage.Location) -> tuple[AttributeNet, AttributeModelInfo]:
+    """Load an exported attribute model (eval mode, CPU)."""
+    meta_loc = loc.join("model.json")
+    if not storage.exists(meta_loc):
+        raise WeightsError(f"no trained attribute model at {loc.uri} (model.json missing); run "
+                           f"the train_attributes stage first")
+    info = AttributeModelInfo.from_json(storage.read_bytes(meta_loc).decode())
+    model = AttributeNet(len(info.attributes))
+    state = torch.load(io.BytesIO(storage.read_bytes(loc.join("model.pt"))), map_location="cpu",
+                       weights_only=True)
+    _apply(model, state, loc.join("model.pt").uri)
+    model.eval()
+    return model, info
