@@ -1,0 +1,1 @@
+"""Benchmarks: one module per stage, `run(cfg, **options) -> dict` (see jobs/benchmark.py)."""
