@@ -76,12 +76,16 @@ def s3_server(tmp_path_factory):
         "name": "faceaudit", "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
     ports = {k: free_port(10000) for k in ("master", "volume", "filer", "s3")}
+    # Every side listener gets its own free port too, so parallel test sessions don't collide.
+    side = {k: free_port() for k in ("lance", "iceberg", "iam")}
     log = open(base / "weed.log", "w")
     proc = subprocess.Popen([
         _weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={base}",
         f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
         f"-filer.port={ports['filer']}", "-s3", f"-s3.port={ports['s3']}",
         f"-s3.config={cfg}", "-master.volumeSizeLimitMB=64", "-volume.max=20",
+        f"-s3.port.lance={side['lance']}", f"-s3.port.iceberg={side['iceberg']}",
+        f"-iam.port={side['iam']}",
     ], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     endpoint = f"http://127.0.0.1:{ports['s3']}"
     import pyarrow.fs as pafs
