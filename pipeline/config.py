@@ -123,6 +123,18 @@ class TrainConfig(_Section):
     tune_thresholds: bool = False
     # Stop after this many training steps per epoch; 0 = full epoch (for smoke tests).
     max_steps_per_epoch: int = Field(default=0, ge=0)
+    # CPUs each Ray Data decode/resize task requests (small, so decoding and training share cores).
+    decode_cpus: float = Field(default=0.25, gt=0)
+    # Manifest rows per Ray Data block (one decode task's unit of work).
+    rows_per_block: int = Field(default=256, ge=1)
+    # Local shuffle buffer on each training worker, in batches (0 = no shuffling within the buffer).
+    shuffle_buffer_batches: int = Field(default=4, ge=0)
+    # Checkpoints kept in storage: the best ones by val mean accuracy (the latest is always kept).
+    keep_checkpoints: int = Field(default=2, ge=1)
+    # Worker-group restarts from the latest checkpoint after a failure, within one run.
+    max_failures: int = Field(default=0, ge=0)
+    # Log progress (step, loss, images/s) every N training steps on rank 0.
+    log_every_steps: int = Field(default=20, ge=1)
 
 
 class ExtractConfig(_Section):
