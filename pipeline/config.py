@@ -242,6 +242,12 @@ class ClassifyConfig(_Section):
     ci_level: float = Field(default=0.95, gt=0, lt=1)
     # CPUs each fit task requests.
     cpus_per_task: float = Field(default=1.0, gt=0)
+    # Principal components of the embedding used as features (PCA fitted on the train split).
+    embedding_components: int = Field(default=10, ge=1)
+    # Decision threshold chosen on val to maximise this metric; "none" keeps 0.5.
+    threshold_metric: Literal["none", "accuracy", "balanced_accuracy"] = "balanced_accuracy"
+    # A fit needs at least this many training rows of each class (else skipped, reason recorded).
+    min_class_rows: int = Field(default=5, ge=1)
 
 
 class ExplainConfig(_Section):
