@@ -1,0 +1,132 @@
+"""The small registry of embedding backbones the extract stage can run next to the attribute model.
+
+``extract.embedding`` names one of:
+
+* ``resnet50``: torchvision's ResNet-50 with the classifier removed, 2048-d pooled features (the
+  usual baseline in earlier face-clustering studies). Weights: ``"none"``, ``"imagenet"`` (torch
+  cache only) or a path / ``s3://`` URI of a state dict.
+* ``attribute_backbone``: the pooled 1280-d features of the trained attribute model itself. It
+  adds no second network: one forward pass gives both the embedding and the attribute logits.
+* ``facenet``: facenet-pytorch's InceptionResnetV1 (512-d; the 128-d figure belongs to the older
+  TensorFlow FaceNet). Only when the ``facenet_pytorch`` package is installed; its weights are
+  ``"vggface2"`` / ``"casia-webface"`` from the torch cache (never downloaded), a state-dict path, or
+  ``"none"``.
+
+Every backbone is returned as an :class:`EmbeddingModel`: the module, its output size, its input
+normalisation and a name/version string written into the features files' metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.config import StorageConfig
+from pipeline.models import (IMAGENET_MEAN, IMAGENET_STD, WeightsError, _apply,
+                             _imagenet_state_dict, load_state_dict)
+
+EMBEDDINGS: tuple[str, ...] = ("resnet50", "attribute_backbone", "facenet")
+
+# facenet-pytorch's own input standardisation, (x*255 - 127.5) / 128, written as mean/std on [0,1].
+_FACENET_MEAN = (127.5 / 255,) * 3
+_FACENET_STD = (128.0 / 255,) * 3
+_FACENET_FILES = {"vggface2": "20180402-114759-vggface2.pt",
+                  "casia-webface": "20180408-102900-casia-webface.pt"}
+
+
+@dataclass
+class EmbeddingModel:
+    """A backbone ready for inference (eval mode, CPU until moved)."""
+
+    name: str  # registry name (extract.embedding)
+    module: nn.Module | None  # None for attribute_backbone: the attribute model computes it
+    dim: int  # length of one embedding vector
+    mean: tuple[float, float, float]  # per-channel input mean on [0, 1] pixels
+    std: tuple[float, float, float]  # per-channel input std on [0, 1] pixels
+    weights: str  # the weights spec it was built with
+    version: str  # what produced the weights (torchvision version, file hash ...)
+
+
+def _spec_tag(spec: str, storage_cfg: StorageConfig | None) -> str:
+    """A short version tag for a weights spec: the spec itself, plus a hash for files."""
+    if spec in ("none", "imagenet", *_FACENET_FILES):
+        return spec
+    from pipeline import storage
+
+    data = storage.read_bytes(storage.filesystem(spec, storage_cfg))
+    return f"sha256:{hashlib.sha256(data).hexdigest()[:16]}"
+
+
+def _resnet50(weights: str, storage_cfg: StorageConfig | None) -> EmbeddingModel:
+    import torchvision
+    from torchvision.models import ResNet50_Weights, resnet50
+
+    model = resnet50(weights=None)
+    model.fc = nn.Identity()  # keep the 2048-d pooled features, drop the ImageNet classifier
+    if weights != "none":
+        state = (_imagenet_state_dict(ResNet50_Weights.IMAGENET1K_V2) if weights == "imagenet"
+                 else load_state_dict(weights, storage_cfg))
+        # a full classification checkpoint carries fc.*: it has no place in an embedding model
+        _apply(model, state, weights, ignore=("fc.",))
+    model.eval()
+    return EmbeddingModel("resnet50", model, 2048, IMAGENET_MEAN, IMAGENET_STD, weights,
+                          f"torchvision-{torchvision.__version__}/{_spec_tag(weights, storage_cfg)}")
+
+
+def _facenet(weights: str, storage_cfg: StorageConfig | None) -> EmbeddingModel:
+    try:
+        import facenet_pytorch
+        from facenet_pytorch import InceptionResnetV1
+    except ImportError:
+        raise WeightsError(
+            'extract.embedding = "facenet" needs the facenet-pytorch package, which is not '
+            'installed; install it (pip install facenet-pytorch) or choose "resnet50" or '
+            '"attribute_backbone"') from None
+    if weights == "imagenet":
+        raise WeightsError('facenet has no "imagenet" weights; use "vggface2" or "casia-webface" '
+                           '(from the torch cache), "none" or a path / s3:// URI of a state dict')
+    model = InceptionResnetV1(pretrained=None, classify=False)
+    if weights in _FACENET_FILES:
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", _FACENET_FILES[weights])
+        if not os.path.exists(path):
+            raise WeightsError(f'facenet weights "{weights}" need {path}, which is not in the torch '
+                               f'cache and is never downloaded at run time; copy it there, or use '
+                               f'"none" or a path / s3:// URI of a state dict')
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    elif weights != "none":
+        state = load_state_dict(weights, storage_cfg)
+    if weights != "none":
+        # the VGGFace2 checkpoint carries its identity classifier (logits.*); it is not used
+        _apply(model, state, weights, ignore=("logits.",))
+    model.eval()
+    return EmbeddingModel("facenet", model, 512, _FACENET_MEAN, _FACENET_STD, weights,
+                          f"facenet-pytorch-{getattr(facenet_pytorch, '__version__', '?')}/"
+                          f"{_spec_tag(weights, storage_cfg)}")
+
+
+def build_embedding(name: str, weights: str = "none", storage_cfg: StorageConfig | None = None,
+                    attribute_info=None) -> EmbeddingModel:
+    """The embedding backbone ``name`` with ``weights`` (see the module docstring).
+
+    ``attribute_info`` (the trained model's :class:`~pipeline.models.AttributeModelInfo`) is
+    needed for ``attribute_backbone``, whose features and normalisation are the attribute model's.
+    """
+    if name == "resnet50":
+        return _resnet50(weights, storage_cfg)
+    if name == "facenet":
+        return _facenet(weights, storage_cfg)
+    if name == "attribute_backbone":
+        if attribute_info is None:
+            raise ValueError("attribute_backbone needs the trained attribute model's info")
+        if weights not in ("none", ""):
+            raise WeightsError(f'extract.embedding_weights = {weights!r} has no meaning for '
+                               f'"attribute_backbone", whose weights are the trained attribute '
+                               f'model\'s; leave it "none"')
+        return EmbeddingModel("attribute_backbone", None, 1280, tuple(attribute_info.mean),
+                              tuple(attribute_info.std), "trained",
+                              f"attribute-model/{attribute_info.version or 'unversioned'}")
+    raise ValueError(f"unknown embedding {name!r}; choose one of {list(EMBEDDINGS)}")
