@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Start / stop a second local Ray node that joins a head started by local_head.sh.
+#
+#   infra/local_worker.sh start --head-dir HEAD_DIR [--dir DIR] [--num-cpus N] [--num-gpus G]
+#                               [--object-store-mib M]
+#   infra/local_worker.sh stop  [--dir DIR]
+#
+# HEAD_DIR is the head's --dir (default $FACEAUDIT_RAY_DIR or /tmp/faceaudit-ray): its env.sh
+# gives the address and the auth token. DIR (default HEAD_DIR-worker) is this node's own
+# directory: its Ray --temp-dir, worker.log and worker.pid, so stopping (or killing) this node
+# leaves the head alone. This is how the two-node fault test loses a node mid-run.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=infra/_ray_common.sh
+source "$HERE/_ray_common.sh"
+
+cmd="${1:-}"; shift || true
+HEAD_DIR="${FACEAUDIT_RAY_DIR:-/tmp/faceaudit-ray}"
+DIR=""
+NUM_CPUS=""; NUM_GPUS=""; OBJ_MIB=""
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --head-dir) HEAD_DIR="$2"; shift 2 ;;
+    --dir|--temp-dir) DIR="$2"; shift 2 ;;
+    --num-cpus) NUM_CPUS="$2"; shift 2 ;;
+    --num-gpus) NUM_GPUS="$2"; shift 2 ;;
+    --object-store-mib) OBJ_MIB="$2"; shift 2 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    *) die "unknown option $1 (see --help)" ;;
+  esac
+done
+DIR="${DIR:-${HEAD_DIR%/}-worker}"
+
+case "$cmd" in
+  start)
+    [[ -f "$HEAD_DIR/env.sh" ]] || die "no head found: $HEAD_DIR/env.sh is missing (start one with infra/local_head.sh start)"
+    node_alive "$HEAD_DIR/head.pid" || die "the head in $HEAD_DIR is not running"
+    mkdir -p "$DIR"
+    DIR="$(cd "$DIR" && pwd)"
+    if node_alive "$DIR/worker.pid"; then
+      die "a worker node is already running from $DIR; run: $0 stop --dir $DIR"
+    fi
+    # shellcheck disable=SC1091
+    source "$HEAD_DIR/env.sh"   # RAY_ADDRESS + the head's token (RAY_AUTH_MODE, RAY_AUTH_TOKEN_PATH)
+    read -r AGENT_HTTP AGENT_GRPC RTENV METRICS NM OM WMIN WMAX < <(free_ports 6)
+    # How many nodes should be alive once this one joined (to wait for exactly that).
+    want=$(( $("$RAY" status --address "$RAY_ADDRESS" 2>/dev/null \
+               | awk '/^Active:/{a=1;next} /^Pending:/{a=0} a && /node_/{c++} END{print c+0}' || true) + 1 ))
+    args=(--address "$RAY_ADDRESS" --block --node-ip-address 127.0.0.1
+          --dashboard-agent-listen-port "$AGENT_HTTP" --dashboard-agent-grpc-port "$AGENT_GRPC"
+          --runtime-env-agent-port "$RTENV" --metrics-export-port "$METRICS"
+          --node-manager-port "$NM" --object-manager-port "$OM"
+          --min-worker-port "$WMIN" --max-worker-port "$WMAX"
+          --temp-dir "$DIR/ray" --disable-usage-stats)
+    [[ -n "$NUM_CPUS" ]] && args+=(--num-cpus "$NUM_CPUS")
+    [[ -n "$NUM_GPUS" ]] && args+=(--num-gpus "$NUM_GPUS")
+    [[ -n "$OBJ_MIB" ]] && args+=(--object-store-memory "$((OBJ_MIB * 1024 * 1024))")
+    setsid "$RAY" start "${args[@]}" > "$DIR/worker.log" 2>&1 < /dev/null &
+    echo $! > "$DIR/worker.pid"
+    wait_ready "$DIR/worker.pid" "$DIR/worker.log" "$RAY_ADDRESS" "$want"
+    echo "ray worker node up (pid $(cat "$DIR/worker.pid"), joined $RAY_ADDRESS, logs $DIR/worker.log)"
+    ;;
+  stop)
+    stop_node "$DIR" worker
+    ;;
+  *)
+    die "usage: $0 start|stop --head-dir HEAD_DIR [--dir DIR] [--num-cpus N] [--num-gpus G]"
+    ;;
+esac
