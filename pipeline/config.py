@@ -272,6 +272,9 @@ class ExplainConfig(_Section):
     top_k: int = Field(default=5, ge=1)
     # CPUs each SHAP task requests.
     cpus_per_task: float = Field(default=1.0, gt=0)
+    # Rows per model x cluster kept in memory for the beeswarm plots (the first ones explained).
+    plot_rows: int = Field(default=1000, ge=1)
+    # Depth cap for forests is classify.params.random_forest.max_depth (set at training time).
 
 
 class ReportConfig(_Section):
