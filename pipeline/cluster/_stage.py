@@ -1,0 +1,326 @@
+"""The cluster stage: build the spaces, sweep on Ray, keep the chosen k, describe, write."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import tables
+from pipeline.cluster import _describe as describe
+from pipeline.cluster._fit import SweepSpec, choose_k, hdbscan_min_cluster_size, sweep_one
+from pipeline.cluster._schemas import (ASSIGNMENTS_SCHEMA, CENTROID_DISTANCES_SCHEMA,
+                                       CONDITIONAL_SCHEMA, DEMOGRAPHICS_SCHEMA, PRIMARY_SCHEMA,
+                                       PROFILES_SCHEMA, sweep_schema)
+from pipeline.cluster._spaces import BUILDERS, Inputs, Space, load_inputs
+from pipeline.config import Config
+from pipeline.seeds import derive_seed, rng
+
+log = logging.getLogger(__name__)
+STAGE = "cluster"
+
+
+@dataclass
+class SpaceJob:
+    """One space's shared inputs of the sweep (each is put in the object store once)."""
+
+    space: Space
+    references: dict[str, np.ndarray]  # reference attribute -> int8 labels of the space's rows
+    sample_idx: np.ndarray  # rows agglomerative / hdbscan are fitted on
+    sil_idx: np.ndarray  # rows silhouette is computed on
+
+
+def _seeded_sample(seed: int, n: int, m: int, *names: object) -> np.ndarray:
+    """Sorted indices of a seeded sample of ``m`` of ``n`` rows (all rows when m >= n)."""
+    if m >= n:
+        return np.arange(n)
+    return np.sort(rng(seed, STAGE, *names).choice(n, m, replace=False))
+
+
+def sweep_specs(cfg: Config, job: SpaceJob) -> tuple[list[SweepSpec], list[str]]:
+    """The sweep tasks of one space, and notes on k values that cannot be fitted."""
+    c = cfg.cluster
+    n, sample_n = job.space.X.shape[0], len(job.sample_idx)
+    ks = list(range(c.k_min, c.k_max + 1))
+    if c.k and c.k not in ks:
+        ks.append(c.k)  # a fixed k outside the sweep range is fitted too, so it can be chosen
+    specs, notes = [], []
+    for algo in c.algorithms:
+        if algo == "hdbscan":
+            mcs = hdbscan_min_cluster_size(sample_n, c.k_max)
+            specs.append(SweepSpec(job.space.name, algo, 0,
+                                   derive_seed(cfg.run.seed, STAGE, job.space.name, algo),
+                                   c.minibatch_threshold, min_cluster_size=mcs))
+            continue
+        limit = (sample_n if algo == "agglomerative" else n) - 1
+        for k in ks:
+            if k > limit:
+                notes.append(f"{job.space.name}/{algo}: k={k} skipped, only {limit + 1} rows")
+                continue
+            specs.append(SweepSpec(job.space.name, algo, k,
+                                   derive_seed(cfg.run.seed, STAGE, job.space.name, algo, k),
+                                   c.minibatch_threshold))
+    return specs, notes
+
+
+def _sweep_task(X, spec, sample_idx, sil_idx, references):
+    labels_needed = spec.algorithm in ("agglomerative", "hdbscan")
+    return sweep_one(X, spec, sample_idx if labels_needed else None, sil_idx, references)
+
+
+def run_sweep(jobs: list[SpaceJob], specs: dict[str, list[SweepSpec]], parallel: bool = True,
+              cpus_per_task: float = 1.0, x_refs: dict | None = None
+              ) -> list[tuple[dict, np.ndarray]]:
+    """Every spec of every space: through Ray tasks, or one after another in this process.
+
+    On Ray each space's matrix, references and samples are put in the object store once and
+    every task of the space gets the same references, so a 202,599-row matrix is shipped once,
+    not once per k. ``x_refs`` (space -> ObjectRef) reuses matrices the caller already put.
+    """
+    if not parallel:
+        return [_sweep_task(j.space.X, s, j.sample_idx, j.sil_idx, j.references)
+                for j in jobs for s in specs[j.space.name]]
+    import ray
+
+    task = ray.remote(num_cpus=cpus_per_task)(_sweep_task)
+    refs = []
+    for j in jobs:
+        x_ref = (x_refs or {}).get(j.space.name) or ray.put(j.space.X)
+        ref_ref = ray.put(j.references)
+        s_ref, sil_ref = ray.put(j.sample_idx), ray.put(j.sil_idx)
+        refs += [task.remote(x_ref, s, s_ref, sil_ref, ref_ref) for s in specs[j.space.name]]
+    return ray.get(refs)
+
+
+def _map_task(X, idx, method, seed):
+    return describe.embed_2d(X[idx], method, seed)
+
+
+def _check_config(cfg: Config) -> None:
+    c = cfg.cluster
+    if c.primary_algorithm not in c.algorithms:
+        raise ValueError(f"cluster.primary_algorithm={c.primary_algorithm!r} is not among "
+                         f"cluster.algorithms={c.algorithms}; add it or pick one of them")
+    if c.map_method == "umap" and importlib.util.find_spec("umap") is None:
+        raise ValueError("cluster.map_method='umap' but the umap-learn package is not "
+                         "installed; `pip install umap-learn` or set cluster.map_method='tsne'")
+    if not c.spaces or not c.algorithms:
+        raise ValueError("cluster.spaces and cluster.algorithms must each name at least one entry")
+
+
+def _profile_source(inp: Inputs) -> tuple[str, list[str]]:
+    """Ground-truth attributes when the manifest has them, else predicted ones (p >= 0.5)."""
+    if inp.attributes:
+        return "annotations", list(inp.attributes)
+    names = [n[2:] for n in inp.features.column_names if n.startswith("p_")]
+    return "predicted", names
+
+
+def _attribute_matrix(inp: Inputs, source: str, names: list[str],
+                      ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(values, known) bool matrices of ``names`` for the rows ``ids``."""
+    if source == "annotations":
+        pos = np.searchsorted(inp.image_ids, ids)
+        M = np.stack([inp.truth[a][pos] for a in names], axis=1)
+        V = np.stack([inp.valid[a][pos] for a in names], axis=1)
+        return M, V
+    fids = np.asarray(inp.features["image_id"].to_pylist(), dtype=object)
+    pos = np.searchsorted(fids, ids)
+    P = np.stack([inp.features[f"p_{a}"].to_numpy(zero_copy_only=False)[pos] for a in names], 1)
+    return P >= 0.5, np.isfinite(P)
+
+
+def run(cfg: Config) -> dict:
+    """Cluster every configured space with every algorithm; write ``clusters/*``.
+
+    Returns row counts, the chosen k and metrics per space x algorithm, skipped spaces with
+    their reasons, and ``primary_space_used`` (the space behind ``clusters/primary``).
+    """
+    import ray
+
+    from pipeline.run import StageSkipped
+
+    _check_config(cfg)
+    c = cfg.cluster
+    t_start = time.time()
+    inp = load_inputs(cfg, need_embedding="embedding" in c.spaces)
+    if not inp.attributes and inp.features is None:
+        raise StageSkipped("the manifest has no annotated attributes and there is no features "
+                           "table: nothing to cluster (run the extract stage first)")
+    spaces, skipped = {}, {}
+    for name in c.spaces:
+        space, why = BUILDERS[name](cfg, inp)
+        if space is None:
+            skipped[name] = why
+            log.warning("[cluster] space %s skipped: %s", name, why)
+        elif space.X.shape[0] < max(3, c.k_min + 1):
+            skipped[name] = f"only {space.X.shape[0]} rows"
+            log.warning("[cluster] space %s skipped: only %d rows", name, space.X.shape[0])
+        else:
+            spaces[name] = space
+    if not spaces:
+        raise StageSkipped("no feature space could be built: " +
+                           "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+
+    source, attr_names = _profile_source(inp)
+    refs_missing = {}
+    jobs, specs, notes = [], {}, []
+    for name, sp in spaces.items():
+        n = sp.X.shape[0]
+        M, V = _attribute_matrix(inp, source, [a for a in c.reference_attributes
+                                               if a in attr_names], sp.image_ids)
+        references = {}
+        for j, a in enumerate(a for a in c.reference_attributes if a in attr_names):
+            if not V[:, j].all():
+                refs_missing[a] = "has null values"
+                continue
+            references[a] = M[:, j].astype(np.int8)
+        for a in c.reference_attributes:
+            if a not in attr_names:
+                refs_missing[a] = f"not among the {source} attributes"
+        job = SpaceJob(sp, references,
+                       _seeded_sample(cfg.run.seed, n, c.sample_rows, "sample", name),
+                       _seeded_sample(cfg.run.seed, n, c.silhouette_rows, "silhouette", name))
+        jobs.append(job)
+        specs[name], more = sweep_specs(cfg, job)
+        notes += more
+    for a, why in refs_missing.items():
+        log.warning("[cluster] reference attribute %s: %s (its NMI/ARI/purity are null)", a, why)
+
+    # The 2-D maps run as tasks alongside the sweep (t-SNE is the slowest single step here).
+    map_task = ray.remote(num_cpus=c.cpus_per_task)(_map_task)
+    x_refs = {name: ray.put(sp.X) for name, sp in spaces.items()}  # once per space
+    map_idx, map_refs = {}, {}
+    for name, sp in spaces.items():
+        map_idx[name] = _seeded_sample(cfg.run.seed, sp.X.shape[0], c.map_rows, "map", name)
+        map_refs[name] = map_task.remote(x_refs[name], map_idx[name], c.map_method,
+                                         derive_seed(cfg.run.seed, STAGE, "map", name))
+    t0 = time.time()
+    results = run_sweep(jobs, specs, parallel=True, cpus_per_task=c.cpus_per_task,
+                        x_refs=x_refs)
+    sweep_s = time.time() - t0
+    coords = {name: ray.get(r) for name, r in map_refs.items()}
+
+    # Choose k per space x algorithm; keep the chosen labels only.
+    by_key: dict[tuple[str, str], list[tuple[dict, np.ndarray]]] = {}
+    for row, labels in results:
+        by_key.setdefault((row["space"], row["algorithm"]), []).append((row, labels))
+    chosen, chosen_labels = {}, {}
+    for (space, algo), items in by_key.items():
+        rows = [r for r, _ in items]
+        if algo == "hdbscan":
+            k, why = rows[0]["k"], f"found by HDBSCAN ({rows[0]['param']})"
+        else:
+            k, why = choose_k(rows, c.k_rule, c.k)
+        for r, labels in items:
+            r["chosen"] = r["k"] == k
+            if r["chosen"]:
+                chosen_labels[(space, algo)] = labels
+                chosen[f"{space}/{algo}"] = {
+                    "k": int(k), "rule": why,
+                    **{m: (None if r[m] is None else round(r[m], 4)) for m in
+                       ("silhouette", "davies_bouldin", "calinski_harabasz")}}
+    sweep_rows = [r for r, _ in results]
+    for r in sweep_rows:
+        for a in c.reference_attributes:
+            for m in ("nmi", "ari", "purity"):
+                r.setdefault(f"{m}_{a}", None)
+
+    # Describe the chosen clusterings.
+    assign, prof, dists, demo = [], [], [], []
+    demo_missing = {}
+    for (space, algo), labels in sorted(chosen_labels.items()):
+        sp = spaces[space]
+        k = int(chosen[f"{space}/{algo}"]["k"])
+        key = {"space": space, "algorithm": algo, "k": k}
+        x = np.full(len(labels), np.nan, dtype=np.float32)
+        y = x.copy()
+        x[map_idx[space]], y[map_idx[space]] = coords[space][:, 0], coords[space][:, 1]
+        assign.append(pa.table({
+            "image_id": pa.array(sp.image_ids.tolist(), pa.string()),
+            "space": pa.array([space] * len(labels), pa.string()),
+            "algorithm": pa.array([algo] * len(labels), pa.string()),
+            "k": pa.array(np.full(len(labels), k, dtype=np.int32)),
+            "cluster": pa.array(labels.astype(np.int32)),
+            "x": pa.array(x, mask=np.isnan(x)), "y": pa.array(y, mask=np.isnan(y)),
+        }))
+        M, V = _attribute_matrix(inp, source, attr_names, sp.image_ids)
+        prof += describe.profiles(key, labels, M, V, attr_names, source, c.label_terms,
+                                  exclude=cfg.classify.target)
+        dists += describe.centroid_distances(key, sp.X, labels)
+        demo_cols = {}
+        for a in c.demographic_attributes:
+            if a in attr_names:
+                j = attr_names.index(a)
+                demo_cols[a] = np.asarray([str(bool(v)).lower() if ok else None
+                                           for v, ok in zip(M[:, j], V[:, j])], dtype=object)
+            elif a not in inp.demographics:
+                demo_missing[a] = f"not among the {source} attributes"
+        pos = np.searchsorted(inp.image_ids, sp.image_ids)
+        for name, values in inp.demographics.items():
+            demo_cols[name] = values[pos]
+        demo += describe.demographics(key, labels, demo_cols)
+    all_M, all_V = (_attribute_matrix(inp, source, attr_names, inp.image_ids)
+                    if source == "annotations" else
+                    _attribute_matrix(inp, source, attr_names,
+                                      np.asarray(inp.features["image_id"].to_pylist(), dtype=object)))
+    cond = describe.conditional(all_M, all_V, attr_names, source)
+
+    # The one clustering downstream stages use.
+    primary_space = c.primary_space
+    if primary_space not in spaces:
+        fallback = "annotations" if "annotations" in spaces else sorted(spaces)[0]
+        log.warning("[cluster] primary space %s is missing (%s); clusters/primary uses %s",
+                    primary_space, skipped.get(primary_space, "not in cluster.spaces"), fallback)
+        primary_space = fallback
+    plabels = chosen_labels[(primary_space, c.primary_algorithm)]
+    pk = chosen[f"{primary_space}/{c.primary_algorithm}"]["k"]
+    primary = pa.table({"image_id": pa.array(spaces[primary_space].image_ids.tolist(), pa.string()),
+                        "cluster": pa.array(plabels.astype(np.int32))})
+
+    meta = {"k_rule": c.k_rule, "primary_space": primary_space,
+            "primary_algorithm": c.primary_algorithm, "primary_k": str(pk),
+            "profile_source": source}
+    rows = {
+        "clusters/sweep": tables.replace(cfg, "clusters/sweep", pa.Table.from_pylist(
+            sweep_rows, schema=sweep_schema(c.reference_attributes)),
+            schema=sweep_schema(c.reference_attributes), metadata=meta),
+        "clusters/assignments": tables.replace(cfg, "clusters/assignments", pa.concat_tables(
+            assign), schema=ASSIGNMENTS_SCHEMA, metadata=meta),
+        "clusters/profiles": tables.replace(cfg, "clusters/profiles", pa.Table.from_pylist(
+            prof, schema=PROFILES_SCHEMA), schema=PROFILES_SCHEMA, metadata=meta),
+        "clusters/centroid_distances": tables.replace(
+            cfg, "clusters/centroid_distances", pa.Table.from_pylist(
+                dists, schema=CENTROID_DISTANCES_SCHEMA), schema=CENTROID_DISTANCES_SCHEMA),
+        "clusters/conditional": tables.replace(cfg, "clusters/conditional", pa.Table.from_pylist(
+            cond, schema=CONDITIONAL_SCHEMA), schema=CONDITIONAL_SCHEMA, metadata=meta),
+        "clusters/demographics": tables.replace(cfg, "clusters/demographics", pa.Table.from_pylist(
+            demo, schema=DEMOGRAPHICS_SCHEMA), schema=DEMOGRAPHICS_SCHEMA, metadata=meta),
+        "clusters/primary": tables.replace(cfg, "clusters/primary", primary,
+                                           schema=PRIMARY_SCHEMA, metadata=meta),
+    }
+    tables.clear_errors(cfg, STAGE)
+    if inp.errors:
+        tables.write_errors(cfg, STAGE, inp.errors)
+    return {
+        "rows": rows,
+        "spaces": {n: {"rows": int(s.X.shape[0]), **s.info} for n, s in spaces.items()},
+        "skipped_spaces": skipped,
+        "chosen": chosen,
+        "primary_space_used": primary_space,
+        "primary_algorithm": c.primary_algorithm,
+        "primary_k": int(pk),
+        "profile_source": source,
+        "reference_attributes_missing": refs_missing,
+        "demographic_attributes_missing": demo_missing,
+        "notes": notes,
+        "sweep_tasks": len(results),
+        "sweep_seconds": round(sweep_s, 2),
+        "seconds": round(time.time() - t_start, 2),
+        "errors": len(inp.errors),
+    }
+
