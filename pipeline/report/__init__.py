@@ -1,0 +1,67 @@
+"""The report stage: one HTML page, readable offline, that shows what every stage found.
+
+``run(cfg)`` reads the stage tables under ``cfg.output.root`` (local or s3://) and writes
+``report/index.html`` with its figures in ``report/figures/*.png``, all through
+:mod:`pipeline.storage` (atomic writes). Sections, one module each:
+
+- Data (``_data``): images, splits, attribute prevalence, rejected inputs.
+- Attribute model (``_attributes``): accuracy vs majority baseline, training curve.
+- Clusters (``_clusters``): per feature space the sweep, 2-D map, lift heatmap, attribute
+  occurrence, mean faces, sample grids, centroid distances; P(A | B).
+- Bias (``_bias``): demographic composition per cluster with chi-square.
+- Classifiers (``_classifiers``): per-cluster / per-group metrics with CIs, gaps, undersampling.
+- Explanations (``_explain``): SHAP importance per cluster vs global, rank agreement, beeswarms.
+- Run (``_runinfo``): stage status, timings, row counts, versions, config.
+
+The report never recomputes results: every number and plot comes from a stage table (the mean
+faces average the pixels of images the cluster stage assigned). A stage that has not run gives
+a short "not run" note; a table in an unexpected shape gives a visible warning and is listed in
+the returned ``problems``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from pipeline import storage
+from pipeline.config import Config
+from pipeline.report import (_attributes, _bias, _classifiers, _clusters, _data, _explain,
+                             _runinfo)
+from pipeline.report._context import Context, slug
+from pipeline.report._page import render
+
+log = logging.getLogger(__name__)
+
+SECTIONS = (_data, _attributes, _clusters, _bias, _classifiers, _explain, _runinfo)
+INDEX = "index.html"
+
+
+def run(cfg: Config) -> dict:
+    """Build ``<output.root>/report/index.html``; returns where it is and what it holds."""
+    ctx = Context(cfg)
+    built = []
+    for module in SECTIONS:
+        log.info("[report] %s", module.TITLE)
+        built.append((slug(module.TITLE), module.TITLE, "\n".join(module.build(ctx))))
+    subtitle = f"{cfg.data.dataset} · {cfg.data.root} → {cfg.output.root}"
+    page = render("faceaudit report", subtitle, built)
+    index = ctx.out.join(INDEX)
+    storage.write_bytes(index, page.encode("utf-8"))  # after every figure: no dangling links
+    _remove_stale_figures(ctx)
+    if ctx.problems:
+        log.warning("[report] %d parts could not be drawn: %s", len(ctx.problems), ctx.problems)
+    log.info("[report] written: %s", index.uri)
+    return {"report": index.uri, "figures": len(ctx.figures), "sections": len(built),
+            "not_run": sorted(set(ctx.not_run)), "problems": ctx.problems,
+            "html_bytes": len(page.encode("utf-8"))}
+
+
+def _remove_stale_figures(ctx: Context) -> None:
+    """Figures of an earlier report that this one no longer shows."""
+    loc = ctx.out.join("figures")
+    keep = set(ctx.figures)
+    for info in storage.list_files(loc, recursive=False):
+        base = info.path.rsplit("/", 1)[-1]
+        if base.endswith(".png") and base not in keep and not re.match(r"^\.tmp-", base):
+            loc.fs.delete_file(info.path)
