@@ -63,6 +63,8 @@ HAIR_RGB = np.array([[28, 24, 24], [226, 196, 120], [104, 68, 42], [176, 176, 18
                      [120, 52, 30]], float)
 HAIR_BLACK, HAIR_BLOND, HAIR_BROWN, HAIR_GRAY, HAIR_OTHER = range(5)
 
+PALE_RGB = np.array([246, 226, 216], float)  # what Pale_Skin blends the skin towards
+
 _A = {name: i for i, name in enumerate(CELEBA_ATTRIBUTES)}
 
 FIRST_NAMES = ("Alex", "Maria", "John", "Aiko", "Omar", "Lena", "Kofi", "Priya", "Ivan", "Sofia",
@@ -258,9 +260,9 @@ def sample_labels(n: int, seed: int) -> Labels:
     # Geometry (pixels in the 178x218 frame) -> landmarks. Aligned like CelebA: eyes near y=111.
     cx = 89 + rng.normal(0, 1.2, n)
     cy = 122 + rng.normal(0, 1.2, n)
-    face_w = (39.5 + np.where(male, 2.0, 0.0) + 6.0 * chubby - 3.0 * a[:, _A["Oval_Face"]]
-              + id_face_w[identity])
-    face_h = 52 + 5.0 * a[:, _A["Oval_Face"]] + id_face_h[identity] + rng.normal(0, 0.7, n)
+    # Base face size; Oval_Face / Chubby reshape it when drawing (so the picture follows the label).
+    face_w = 39.5 + np.where(male, 2.0, 0.0) + id_face_w[identity]
+    face_h = 52 + id_face_h[identity] + rng.normal(0, 0.7, n)
     eye_dx = 19.5 + rng.normal(0, 0.8, n)
     eye_y = cy - 11 + rng.normal(0, 0.8, n)
     nose_y = cy + 12 + rng.normal(0, 1.0, n)
@@ -274,13 +276,15 @@ def sample_labels(n: int, seed: int) -> Labels:
     ], axis=1)
     landmarks = np.rint(landmarks).astype(np.int64)
 
-    pale_rgb = np.array([246, 226, 216], float)
+    # Colours that are labels (hair colour, Pale_Skin) are applied when drawing, from the labels;
+    # here only the person's base skin and small per-photo variations.
     skin = id_skin[identity]
-    skin = np.where(pale[:, None], 0.35 * skin + 0.65 * pale_rgb, skin)
-    hair_rgb = HAIR_RGB[hair_cat] + rng.normal(0, 8, (n, 3))
+    other_hair = np.where(_bern(rng, np.full(n, 0.5))[:, None], HAIR_RGB[HAIR_OTHER],
+                          [[62, 40, 30]])  # unlabelled colours: auburn or dark brown
     params = {
         "cx": cx, "cy": cy, "face_w": face_w, "face_h": face_h, "tilt": tilt,
-        "skin": np.clip(skin, 0, 255), "hair": np.clip(hair_rgb, 0, 255),
+        "skin": np.clip(skin, 0, 255), "hair_other": other_hair,
+        "hair_jitter": rng.normal(0, 8, (n, 3)),
         "long_hair": long_hair, "full_beard": full_beard,
         "eye_color": id_eye[identity],
         "bg": rng.integers(0, 1 << 30, n),  # which background, tint
@@ -349,8 +353,23 @@ def draw_face(attrs: np.ndarray, lm: np.ndarray, p: dict, rng: np.random.Generat
         im = im.transpose(Image.FLIP_LEFT_RIGHT)
     d = ImageDraw.Draw(im, "RGBA")  # RGBA mode blends translucent fills (make-up, shading)
 
-    cx, cy, fw, fh = p["cx"], p["cy"], p["face_w"], p["face_h"]
-    skin, hair = p["skin"], p["hair"]
+    cx, cy = p["cx"], p["cy"]
+    fw = p["face_w"] + 6.0 * A["Chubby"] - 3.0 * A["Oval_Face"]
+    fh = p["face_h"] + 5.0 * A["Oval_Face"]
+    skin = np.asarray(p["skin"], float)
+    if A["Pale_Skin"]:
+        skin = 0.35 * skin + 0.65 * PALE_RGB
+    if A["Gray_Hair"]:
+        hair = HAIR_RGB[HAIR_GRAY]
+    elif A["Blond_Hair"]:
+        hair = HAIR_RGB[HAIR_BLOND]
+    elif A["Black_Hair"]:
+        hair = HAIR_RGB[HAIR_BLACK]
+    elif A["Brown_Hair"]:
+        hair = HAIR_RGB[HAIR_BROWN]
+    else:
+        hair = np.asarray(p["hair_other"], float)
+    hair = np.clip(hair + np.asarray(p["hair_jitter"]), 0, 255)
     lex, ley, rex, rey, nx, ny, mlx, mly, mrx, mry = (float(v) for v in lm)
     top = cy - fh  # top of the face ellipse (forehead top)
     chin = cy + fh
@@ -402,8 +421,10 @@ def draw_face(attrs: np.ndarray, lm: np.ndarray, p: dict, rng: np.random.Generat
         d.ellipse((cx - fw - 3, cy + 5, cx - fw + 20, cy + 35), fill=skin_c)
         d.ellipse((cx + fw - 20, cy + 5, cx + fw + 3, cy + 35), fill=skin_c)
     if A["Double_Chin"]:
-        d.arc((cx - 22, chin - 14, cx + 22, chin + 6), 25, 155, fill=_rgb(skin, 0.65), width=2)
-        d.arc((cx - 18, chin - 6, cx + 18, chin + 10), 25, 155, fill=_rgb(skin, 0.7), width=2)
+        # A second, fuller chin under the jaw line, with a fold between the two.
+        d.ellipse((cx - 24, chin - 12, cx + 24, chin + 9), fill=_rgb(skin, 0.95),
+                  outline=_rgb(skin, 0.7), width=2)
+        d.arc((cx - 20, chin - 18, cx + 20, chin - 1), 25, 155, fill=_rgb(skin, 0.6), width=2)
 
     # Earrings hang from the ear lobes.
     if A["Wearing_Earrings"]:
@@ -457,10 +478,10 @@ def draw_face(attrs: np.ndarray, lm: np.ndarray, p: dict, rng: np.random.Generat
 
     # Age: wrinkles on the forehead, crow's feet, and nasolabial folds.
     if not A["Young"]:
-        wr = _rgb(skin, 0.72, 200)
+        wr = _rgb(skin - 40, 1.0, 230)  # absolute darkening: visible on dark skin too
         if not A["Bangs"]:
             for k in range(2):
-                d.arc((cx - 20, ley - 26 + 5 * k, cx + 20, ley - 16 + 5 * k), 200, 340, fill=wr, width=1)
+                d.arc((cx - 20, ley - 26 + 5 * k, cx + 20, ley - 16 + 5 * k), 200, 340, fill=wr, width=2)
         for ex, sgn in ((lex, -1), (rex, 1)):
             for k in (-1, 0, 1):
                 d.line([(ex + sgn * 11, ley + 1 + 2 * k), (ex + sgn * 16, ley + 4 * k)], fill=wr, width=1)
@@ -470,8 +491,9 @@ def draw_face(attrs: np.ndarray, lm: np.ndarray, p: dict, rng: np.random.Generat
     # Cheeks: highlight + shadow for high cheekbones; pink for rosy cheeks; blush with make-up.
     if A["High_Cheekbones"]:
         for sgn, ex, ey in ((-1, lex, ley), (1, rex, rey)):
-            d.ellipse((ex - 9, ey + 8, ex + 9, ey + 16), fill=_rgb(skin, 1.18, 160))
-            d.line([(ex - sgn * 2, ey + 24), (ex + sgn * 10, ey + 16)], fill=_rgb(skin, 0.7, 170), width=2)
+            d.ellipse((ex - 9, ey + 8, ex + 9, ey + 16), fill=_rgb(skin + 45, 1.0, 170))
+            d.line([(ex - sgn * 2, ey + 24), (ex + sgn * 10, ey + 16)], fill=_rgb(skin - 45, 1.0, 200),
+                   width=2)
     if A["Rosy_Cheeks"]:
         for ex, ey in ((lex, ley), (rex, rey)):
             d.ellipse((ex - 10, ey + 12, ex + 10, ey + 28), fill=(235, 70, 90, 120))
@@ -529,7 +551,8 @@ def draw_face(attrs: np.ndarray, lm: np.ndarray, p: dict, rng: np.random.Generat
         d.point(list(zip(xs, ys)), fill=_rgb(hair, 0.6, 150) if not A["Blond_Hair"] else (90, 80, 70, 150))
         d.ellipse((cx - fw + 4, ny, cx + fw - 4, chin - 1), fill=(60, 70, 80, 40))
     beard_c = _rgb(hair, 0.9) if not A["Bald"] else _rgb(HAIR_RGB[HAIR_GRAY], 0.9)
-    if p["full_beard"]:
+    # No_Beard = False always shows something: a full beard unless a goatee/moustache is drawn.
+    if not A["No_Beard"] and (p["full_beard"] or not (A["Goatee"] or A["Mustache"])):
         # Jaw and chin from cheek to cheek, with a gap around the mouth.
         outer = _ellipse_pts(cx, cy, fw, fh, 10, 170, 18)
         inner = [(mlx - 5, mly - 3), (cx, (mly + mry) / 2 + 8), (mrx + 5, mry - 3)]
