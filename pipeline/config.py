@@ -136,6 +136,12 @@ class TrainConfig(_Section):
     # Log progress (step, loss, images/s) every N training steps on rank 0.
     log_every_steps: int = Field(default=20, ge=1)
 
+    @field_validator("use_gpu", mode="before")
+    @classmethod
+    def _gpu_bool(cls, v: Any) -> Any:
+        # `--set train.use_gpu=true` arrives as a TOML boolean; accept it as the string form
+        return str(v).lower() if isinstance(v, bool) else v
+
 
 class ExtractConfig(_Section):
     # Embedding backbone: resnet50 (2048-d), attribute_backbone (trained model's pooled features), facenet.

@@ -1,0 +1,664 @@
+"""Stage ``train_attributes``: the facial-attribute model, trained with Ray Train.
+
+Reads ``manifest/`` (train, val and test splits), trains :class:`pipeline.models.AttributeNet`
+(MobileNetV2, one logit per attribute) with ``TorchTrainer`` and writes, under
+``<output.root>/models/attributes/``:
+
+* ``model.pt`` + ``model.json``: the best epoch's weights by val mean accuracy (what ``extract``
+  loads through :func:`pipeline.models.load_attribute_model`);
+* ``metrics/``: per-attribute test metrics beside the majority-class baseline (schema below);
+* ``history/``: one row per epoch (the training curve);
+* ``ray_train/run-<fingerprint>/``: Ray Train's checkpoints, one per epoch (best and latest kept).
+
+Data flow (nothing holds the decoded collection in memory; Ray Data streams it):
+
+    manifest rows (image_id, uri, labels)  --from_arrow, one block per ``rows_per_block`` rows-->
+    decode task (CPU, ``decode_cpus``): read bytes from local disk / S3, decode, resize
+        -> {"image_id": str, "image": uint8 (S, S, 3), "labels": float32 (A,)}
+    --streaming_split--> training worker: ``iter_torch_batches`` + :class:`_Collate`
+        (random flip / shift on the worker's CPU, seeded from run.seed, epoch and the batch's
+        first image id, so augmentation differs every epoch yet a rerun sees the same pixels)
+
+Images that cannot be read or decoded are dropped by the decode task and reported to a small
+Ray actor; the driver writes them to ``errors/train_attributes.parquet`` at the end.
+
+Resume (Ray Train 2.60 is "V2": ``TorchTrainer.restore`` / ``resume_from_checkpoint`` are
+deprecated): a run is named by the stage's fingerprint, so starting the stage again with the same
+config and storage finds Ray Train's checkpoint snapshot under the same ``storage_path``/``name``
+and ``ray.train.get_checkpoint()`` in the workers returns the latest epoch; training continues
+from the next epoch with the optimizer, schedule and history it had.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from pipeline import storage, tables
+from pipeline.config import Config
+from pipeline.seeds import derive_seed
+
+log = logging.getLogger(__name__)
+
+STAGE = "train_attributes"
+MODEL_DIR = "models/attributes"
+RUNS_DIR = "models/attributes/ray_train"
+CHECKPOINT_FILE = "state.pt"
+SCORE = "val_mean_accuracy"  # what "best checkpoint" means
+MEAN_ROW = "__mean__"  # the metrics table's row holding means over attributes
+
+# models/attributes/metrics: one row per attribute on the test split, plus MEAN_ROW.
+METRICS_SCHEMA = pa.schema([
+    pa.field("attribute", pa.string(), nullable=False),  # CelebA spelling, or MEAN_ROW
+    pa.field("n", pa.int64(), nullable=False),  # test images evaluated
+    pa.field("accuracy", pa.float64()),  # at `threshold`
+    pa.field("majority_baseline", pa.float64()),  # accuracy of always predicting train's majority
+    pa.field("balanced_accuracy", pa.float64()),  # mean of sensitivity and specificity
+    pa.field("f1", pa.float64()),  # of the positive class (0 when nothing is predicted positive)
+    pa.field("roc_auc", pa.float64()),  # null when the test split holds only one class
+    pa.field("predicted_positive_rate", pa.float64()),  # share of test images predicted positive
+    pa.field("true_positive_rate", pa.float64()),  # share truly positive (prevalence), not recall
+    pa.field("threshold", pa.float64()),  # decision threshold on the sigmoid probability
+])
+
+# models/attributes/history: the training curve, one row per epoch.
+HISTORY_SCHEMA = pa.schema([
+    pa.field("epoch", pa.int32(), nullable=False),  # 1-based
+    pa.field("step", pa.int64(), nullable=False),  # optimizer steps so far (per worker)
+    pa.field("train_loss", pa.float64()),  # mean BCE over the epoch's training images
+    pa.field("val_loss", pa.float64()),  # mean BCE over the val split
+    pa.field("val_mean_accuracy", pa.float64()),  # mean over attributes, threshold 0.5
+    pa.field("images_per_s", pa.float64()),  # training images per second, all workers together
+    pa.field("seconds", pa.float64()),  # wall time of the epoch (training + validation)
+])
+
+
+class TrainInputError(ValueError):
+    """The manifest or config cannot be trained on; raised before any training starts."""
+
+
+def run(cfg: Config) -> dict:
+    """Train, export the best model, evaluate on test; returns row counts and headline numbers."""
+    return _run(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# driver
+# --------------------------------------------------------------------------------------------
+
+def _run(cfg: Config, *, fail_after_epoch: int | None = None) -> dict:
+    """``run`` with a fault-injection hook: ``fail_after_epoch=k`` makes every worker raise right
+    after epoch ``k`` was checkpointed (the resume test kills a run this way)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.models import AttributeModelInfo, IMAGENET_MEAN, IMAGENET_STD
+    from pipeline.ray_runtime import resolve_use_gpu
+    from pipeline.run import StageSkipped, fingerprints
+
+    t = cfg.train
+    # --- everything that can be wrong with the input is checked before any work starts ---
+    manifest = tables.read(cfg, "manifest")
+    attributes = _resolve_attributes(cfg, manifest.schema)
+    if not attributes:
+        raise StageSkipped("the manifest has no attribute labels (dataset "
+                           f"{cfg.data.dataset!r}) and train.attributes is empty")
+    use_gpu = resolve_use_gpu(cfg, t.use_gpu)
+    splits, label_errors = _split_rows(manifest, attributes)
+    for split in ("train", "val", "test"):
+        if splits[split].num_rows == 0:
+            raise TrainInputError(
+                f"the manifest's {split!r} split is empty (after dropping rows with missing "
+                f"labels); training needs train, val (model selection) and test (evaluation) "
+                f"rows — check data.split_fractions / data.limit or rerun ingest")
+    train_prev = _prevalence(splits["train"], attributes)
+    pos_weight = None
+    if t.pos_weight_max > 0:
+        # neg/pos per attribute, so a rare attribute's positives weigh as much as its negatives;
+        # clipped so a nearly absent attribute cannot dominate the loss.
+        pos = np.clip(train_prev, 1e-6, None)
+        pos_weight = np.minimum((1 - train_prev) / pos, t.pos_weight_max).tolist()
+
+    fp = fingerprints(cfg)[STAGE]
+    name = f"run-{fp}"
+    model_loc = tables.location(cfg, MODEL_DIR)
+    runs_loc = tables.location(cfg, RUNS_DIR)
+    resumed_from = _prepare_run_dir(cfg, model_loc, runs_loc, name, fp)
+
+    world = t.num_workers
+    n_train = splits["train"].num_rows
+    per_worker = n_train // world
+    steps_per_epoch = max(1, math.ceil(per_worker / t.batch_size))
+    drop_last = per_worker >= t.batch_size  # a last batch of 1 breaks BatchNorm in training
+    if drop_last:
+        steps_per_epoch = max(1, per_worker // t.batch_size)
+    if t.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, t.max_steps_per_epoch)
+
+    error_log = ray.remote(num_cpus=0)(_ErrorLog).remote()
+    datasets = {s: _image_dataset(cfg, splits[s], attributes, error_log)
+                for s in ("train", "val")}
+    loop_config = {
+        "attributes": attributes, "image_size": t.image_size, "epochs": t.epochs,
+        "batch_size": t.batch_size, "lr": t.lr, "weight_decay": t.weight_decay,
+        "schedule": t.schedule, "pos_weight": pos_weight, "augment": t.augment,
+        "pretrained": t.pretrained, "storage": cfg.storage.model_dump(),
+        "seed": cfg.run.seed, "steps_per_epoch": steps_per_epoch,
+        "max_steps_per_epoch": t.max_steps_per_epoch, "drop_last": drop_last,
+        "shuffle_buffer": t.shuffle_buffer_batches * t.batch_size,
+        "log_every": t.log_every_steps, "use_amp": use_gpu, "fail_after_epoch": fail_after_epoch,
+    }
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    run_config = RunConfig(
+        name=name, storage_path=runs_loc.path,
+        storage_filesystem=runs_loc.fs if storage.is_s3(runs_loc.uri) else None,
+        checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints,
+                                           checkpoint_score_attribute=SCORE,
+                                           checkpoint_score_order="max"),
+        failure_config=FailureConfig(max_failures=t.max_failures),
+    )
+    trainer = TorchTrainer(
+        _train_loop, train_loop_config=loop_config, datasets=datasets,
+        scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu,
+                                     resources_per_worker=resources),
+        run_config=run_config,
+    )
+    log.info("[%s] %d attributes, %d/%d/%d train/val/test images, %d worker(s) on %s, "
+             "%d epoch(s) of %d step(s); %s", STAGE, len(attributes), n_train,
+             splits["val"].num_rows, splits["test"].num_rows, world, "GPU" if use_gpu else "CPU",
+             t.epochs, steps_per_epoch,
+             f"resuming after epoch {resumed_from}" if resumed_from else "starting fresh")
+    t0 = time.time()
+    try:
+        result = trainer.fit()
+        train_seconds = time.time() - t0
+        latest = _load_checkpoint(result.checkpoint)
+        best_ckpt = result.get_best_checkpoint(SCORE, "max") or result.checkpoint
+        best = _load_checkpoint(best_ckpt)
+        model = _model_from_state(attributes, best["model"])
+
+        # --- thresholds on val (optional), then the test split's metrics ---
+        thresholds = np.full(len(attributes), 0.5)
+        if t.tune_thresholds:
+            y_val, p_val = _predict(cfg, model, splits["val"], attributes, use_gpu, error_log)
+            thresholds = _tune_thresholds(y_val, p_val)
+        y_test, p_test = _predict(cfg, model, splits["test"], attributes, use_gpu, error_log)
+        metrics = _test_metrics(attributes, y_test, p_test, thresholds, train_prev)
+        tables.replace(cfg, f"{MODEL_DIR}/metrics", metrics, schema=METRICS_SCHEMA)
+        history = pa.Table.from_pylist(latest["history"], schema=HISTORY_SCHEMA)
+        tables.replace(cfg, f"{MODEL_DIR}/history", history, schema=HISTORY_SCHEMA)
+        mean = metrics.filter(pc.equal(metrics["attribute"], MEAN_ROW)).to_pylist()[0]
+        best_row = max(latest["history"], key=lambda r: r[SCORE])
+        info = AttributeModelInfo(
+            arch=t.arch, attributes=attributes, image_size=t.image_size,
+            mean=IMAGENET_MEAN, std=IMAGENET_STD, thresholds=[float(x) for x in thresholds],
+            metrics={"best_epoch": int(best["epoch"]), SCORE: float(best_row[SCORE]),
+                     "test_mean_accuracy": mean["accuracy"],
+                     "test_mean_majority_baseline": mean["majority_baseline"],
+                     "test_mean_balanced_accuracy": mean["balanced_accuracy"],
+                     "test_mean_roc_auc": mean["roc_auc"]},
+            version=fp)
+        from pipeline.models import export_attribute_model
+
+        export_attribute_model(model, info, model_loc)  # model.json last = export complete
+    finally:
+        errors = label_errors + ray.get(error_log.rows.remote())
+        tables.write_errors(cfg, STAGE, errors)  # always: a rerun replaces older error rows
+        ray.kill(error_log)
+    log.info("[%s] best epoch %d (val mean acc %.4f); test mean accuracy %.4f vs majority "
+             "baseline %.4f; %d unusable image(s) in errors/", STAGE, best["epoch"],
+             best_row[SCORE], mean["accuracy"], mean["majority_baseline"], len(errors))
+    return {
+        "attributes": len(attributes), "train_rows": n_train, "val_rows": splits["val"].num_rows,
+        "test_rows": splits["test"].num_rows, "errors": len(errors), "num_workers": world,
+        "use_gpu": use_gpu, "epochs": len(latest["history"]), "resumed_from_epoch": resumed_from,
+        "best_epoch": int(best["epoch"]), SCORE: float(best_row[SCORE]),
+        "test_mean_accuracy": mean["accuracy"],
+        "test_mean_majority_baseline": mean["majority_baseline"],
+        "images_per_s": float(np.mean([r["images_per_s"] for r in latest["history"]])),
+        "train_seconds": round(train_seconds, 2), "model_uri": model_loc.uri,
+    }
+
+
+def _resolve_attributes(cfg: Config, schema: pa.Schema) -> list[str]:
+    from pipeline.schemas import manifest_attributes
+
+    have = manifest_attributes(schema)
+    wanted = list(cfg.train.attributes) or have
+    missing = [a for a in wanted if a not in have]
+    if missing:
+        raise TrainInputError(
+            f"train.attributes asks for {missing}, which the manifest does not have; it has "
+            f"{have or 'no attribute columns'} (spelling as in CelebA, e.g. 'Eyeglasses')")
+    if len(set(wanted)) != len(wanted):
+        raise TrainInputError(f"train.attributes lists an attribute twice: {wanted}")
+    return wanted
+
+
+def _split_rows(manifest: pa.Table, attributes: list[str]) -> tuple[dict[str, pa.Table], list]:
+    """The columns training needs, per split; rows with a missing label become error rows."""
+    cols = manifest.select(["image_id", "uri", "split", *attributes])
+    complete = pc.is_valid(cols[attributes[0]])
+    for a in attributes[1:]:
+        complete = pc.and_(complete, pc.is_valid(cols[a]))
+    bad = cols.filter(pc.invert(complete))
+    errors = [{"image_id": r["image_id"], "uri": r["uri"],
+               "reason": "missing label for at least one of train.attributes"}
+              for r in bad.select(["image_id", "uri"]).to_pylist()]
+    cols = cols.filter(complete)
+    out = {s: cols.filter(pc.equal(cols["split"], s)).drop(["split"])
+           for s in ("train", "val", "test")}
+    return out, errors
+
+
+def _prevalence(table: pa.Table, attributes: list[str]) -> np.ndarray:
+    return np.array([pc.mean(table[a].cast(pa.float64())).as_py() for a in attributes])
+
+
+def _prepare_run_dir(cfg: Config, model_loc: storage.Location, runs_loc: storage.Location,
+                     name: str, fp: str) -> int:
+    """Decide between resuming and starting fresh; returns the epoch resumed after (0 = fresh).
+
+    ``run_stage`` only calls the stage when it is not recorded complete, so a ``model.json``
+    carrying this fingerprint means the previous run of this very config finished and this call
+    is a forced rerun: its checkpoints are removed and training starts over. Checkpoints of other
+    fingerprints belong to an older config and are removed too. Without such a ``model.json``,
+    checkpoints under this run's name come from a run that was killed, and Ray Train resumes it.
+    """
+    from pipeline.models import AttributeModelInfo
+
+    meta = model_loc.join("model.json")
+    finished = False
+    if storage.exists(meta):
+        try:
+            finished = AttributeModelInfo.from_json(storage.read_bytes(meta).decode()).version == fp
+        except (TypeError, ValueError):
+            finished = False
+        # the old export no longer describes this run: remove it now, so a run killed from here
+        # on leaves no model.json that a reader could take for this run's result
+        storage.delete(meta)
+        storage.delete(model_loc.join("model.pt"))
+    for info in runs_loc.fs.get_file_info(pafs.FileSelector(runs_loc.path, allow_not_found=True)):
+        base = info.path.rstrip("/").rsplit("/", 1)[-1]
+        if base != name or finished:
+            storage.delete(storage.Location(runs_loc.fs, info.path, runs_loc.join(base).uri))
+    return _latest_epoch(runs_loc.join(name))
+
+
+def _latest_epoch(run_loc: storage.Location) -> int:
+    """The epoch of the run's latest checkpoint in storage (0 when there is none)."""
+    if not storage.exists(run_loc):
+        return 0
+    from ray.train import Result
+
+    try:
+        result = Result.from_path(run_loc.path, storage_filesystem=run_loc.fs)
+    except (RuntimeError, ValueError, FileNotFoundError, OSError):
+        return 0  # no checkpoint snapshot yet: the run died before its first epoch ended
+    return int((result.metrics or {}).get("epoch", 0)) if result.checkpoint else 0
+
+
+class _ErrorLog:
+    """Collects images the decode tasks could not use (one row per image, first reason kept)."""
+
+    def __init__(self):
+        self._rows: dict[str, dict] = {}
+
+    def add(self, rows: list[dict]) -> None:
+        for r in rows:
+            self._rows.setdefault(r["image_id"], r)
+
+    def rows(self) -> list[dict]:
+        return [self._rows[k] for k in sorted(self._rows)]
+
+
+def _image_dataset(cfg: Config, rows: pa.Table, attributes: list[str], error_log):
+    """A Ray Dataset of decoded, resized images and their labels (lazy; streamed per epoch)."""
+    import ray.data
+
+    # Shuffle the (small) manifest rows once, seeded: blocks then mix attributes and identities
+    # instead of following image_id order; the per-epoch shuffle happens on the workers.
+    order = np.random.default_rng(derive_seed(cfg.run.seed, STAGE, "block_order")) \
+        .permutation(rows.num_rows)
+    rows = rows.take(pa.array(order))
+    k = cfg.train.rows_per_block
+    blocks = [rows.slice(i, k) for i in range(0, rows.num_rows, k)]
+    return ray.data.from_arrow(blocks).map_batches(
+        _decode_batch, batch_format="pyarrow", batch_size=None,
+        num_cpus=cfg.train.decode_cpus,
+        fn_kwargs={"size": cfg.train.image_size, "attributes": attributes,
+                   "storage_cfg": cfg.storage, "error_log": error_log})
+
+
+def _read_one(uri: str, storage_cfg) -> bytes:
+    return storage.read_bytes(storage.filesystem(uri, storage_cfg))
+
+
+def _decode_batch(batch: pa.Table, *, size: int, attributes: list[str], storage_cfg,
+                  error_log) -> dict[str, np.ndarray]:
+    """Manifest rows -> decoded images; unusable images go to the error log, not downstream."""
+    import ray
+
+    from pipeline.models import decode_image
+
+    ids = batch["image_id"].to_pylist()
+    uris = batch["uri"].to_pylist()
+    labels = np.stack([batch[a].to_numpy(zero_copy_only=False) for a in attributes], axis=1) \
+        .astype(np.float32)
+
+    def load(uri: str):
+        try:
+            return decode_image(_read_one(uri, storage_cfg), size), None
+        except Exception as exc:  # noqa: BLE001 -- any unreadable image becomes an error row
+            return None, f"cannot read/decode image: {type(exc).__name__}: {exc}"[:500]
+
+    # Reading is I/O bound (S3 round trips): overlap requests. Decoding happens in the same
+    # threads; PIL releases the GIL while decoding, so a few threads do not oversubscribe much.
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(load, uris))
+    keep = [i for i, (img, _) in enumerate(results) if img is not None]
+    bad = [{"image_id": ids[i], "uri": uris[i], "reason": results[i][1]}
+           for i in range(len(ids)) if results[i][0] is None]
+    if bad:
+        ray.get(error_log.add.remote(bad))  # wait: the driver reads the log right after training
+    images = np.stack([results[i][0] for i in keep]) if keep \
+        else np.zeros((0, size, size, 3), np.uint8)
+    return {"image_id": np.array([ids[i] for i in keep], dtype=object), "image": images,
+            "labels": labels[keep]}
+
+
+def _load_checkpoint(checkpoint) -> dict:
+    import torch
+
+    with checkpoint.as_directory() as d:
+        return torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+
+
+def _model_from_state(attributes: list[str], state: dict):
+    from pipeline.models import AttributeNet
+
+    model = AttributeNet(len(attributes))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+class _Predictor:
+    """Ray Data actor: images -> per-attribute probabilities (batch inference on CPU or GPU)."""
+
+    def __init__(self, state_ref: list, n_attributes: int, use_gpu: bool):
+        import ray
+        import torch
+
+        from pipeline.models import AttributeNet
+
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.model = AttributeNet(n_attributes)
+        self.model.load_state_dict(ray.get(state_ref[0]))
+        self.model.to(self.device).eval()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from pipeline.models import normalize_images
+
+        x = torch.from_numpy(np.array(batch["image"], dtype=np.uint8)).to(self.device)
+        x = normalize_images(x.permute(0, 3, 1, 2))
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16,
+                                                    enabled=self.device.type == "cuda"):
+            probs = torch.sigmoid(self.model(x).float()).cpu().numpy()
+        return {"image_id": batch["image_id"], "labels": batch["labels"], "probs": probs}
+
+
+def _predict(cfg: Config, model, rows: pa.Table, attributes: list[str], use_gpu: bool,
+             error_log) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and probabilities for ``rows`` (unreadable images are skipped and logged)."""
+    import ray
+    import ray.data
+
+    state_ref = ray.put({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    ds = _image_dataset(cfg, rows, attributes, error_log).map_batches(
+        _Predictor, batch_size=cfg.train.batch_size, batch_format="numpy",
+        fn_constructor_kwargs={"state_ref": [state_ref], "n_attributes": len(attributes),
+                               "use_gpu": use_gpu},
+        compute=ray.data.ActorPoolStrategy(size=1), num_gpus=1 if use_gpu else 0,
+        num_cpus=cfg.train.cpus_per_worker)
+    ys, ps = [], []
+    for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        ys.append(b["labels"])
+        ps.append(b["probs"])
+    if not ys:
+        raise TrainInputError("no image of the split could be decoded; see errors/")
+    return np.concatenate(ys).astype(bool), np.concatenate(ps)
+
+
+def _tune_thresholds(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Per attribute, the threshold in [0.05, 0.95] with the best val accuracy (ties -> 0.5)."""
+    grid = np.round(np.arange(0.05, 0.951, 0.01), 2)
+    acc = ((p[None, :, :] >= grid[:, None, None]) == y[None]).mean(axis=1)  # (grid, attrs)
+    best = acc.max(axis=0, keepdims=True)
+    cand = np.where(np.isclose(acc, best), np.abs(grid - 0.5)[:, None], np.inf)
+    return grid[cand.argmin(axis=0)]
+
+
+def _test_metrics(attributes: list[str], y: np.ndarray, p: np.ndarray, thresholds: np.ndarray,
+                  train_prev: np.ndarray) -> pa.Table:
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
+
+    rows = []
+    for j, a in enumerate(attributes):
+        yt, pred = y[:, j], p[:, j] >= thresholds[j]
+        majority = bool(train_prev[j] >= 0.5)  # the baseline predicts train's majority class
+        with warnings.catch_warnings():
+            # one class only in y_true/y_pred: the metric is still defined (sklearn warns)
+            warnings.simplefilter("ignore", UserWarning)
+            bal = float(balanced_accuracy_score(yt, pred))
+        two_classes = 0 < yt.sum() < len(yt)
+        rows.append({
+            "attribute": a, "n": int(len(yt)), "accuracy": float((pred == yt).mean()),
+            "majority_baseline": float((yt == majority).mean()), "balanced_accuracy": bal,
+            "f1": float(f1_score(yt, pred, zero_division=0)),
+            "roc_auc": float(roc_auc_score(yt, p[:, j])) if two_classes else None,
+            "predicted_positive_rate": float(pred.mean()), "true_positive_rate": float(yt.mean()),
+            "threshold": float(thresholds[j]),
+        })
+    mean_row: dict[str, Any] = {"attribute": MEAN_ROW, "n": int(len(y))}
+    for f in METRICS_SCHEMA.names[2:]:
+        vals = [r[f] for r in rows if r[f] is not None]
+        mean_row[f] = float(np.mean(vals)) if vals else None
+    return pa.Table.from_pylist(rows + [mean_row], schema=METRICS_SCHEMA)
+
+
+# --------------------------------------------------------------------------------------------
+# training workers
+# --------------------------------------------------------------------------------------------
+
+class _Collate(NumpyBatchCollateFn):
+    """numpy batch -> {"image": uint8 NCHW, "labels": float32} tensors, augmented when training.
+
+    Runs on the training worker's CPU (Ray's prefetch threads), where the epoch is known, so the
+    random flip and shift change every epoch. The generator is seeded from run.seed, the epoch and
+    the batch's first image id (not a counter: prefetch threads may collate out of order).
+    """
+
+    def __init__(self, seed: int, augment: bool):
+        self.seed, self.augment, self.epoch = seed, augment, 0
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict:
+        import torch
+
+        images = np.array(batch["image"], dtype=np.uint8)  # a writable copy for torch
+        if self.augment and len(images):
+            rng = np.random.default_rng(derive_seed(self.seed, STAGE, "augment", self.epoch,
+                                                    str(batch["image_id"][0])))
+            images = _augment(images, rng)
+        return {"image": torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+                "labels": torch.from_numpy(np.asarray(batch["labels"], dtype=np.float32))}
+
+
+def _augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random horizontal flip (p=0.5) and a shift of up to 1/16 of the size (edge padded)."""
+    n, h, w, _ = images.shape
+    out = images.copy()
+    flip = rng.random(n) < 0.5
+    out[flip] = out[flip, :, ::-1]
+    pad = max(1, h // 16)
+    padded = np.pad(out, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
+    dy, dx = rng.integers(0, 2 * pad + 1, size=(2, n))
+    for i in range(n):
+        out[i] = padded[i, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
+    return out
+
+
+def _lr_factor(step: int, total: int, schedule: str) -> float:
+    """Linear warm-up over the first 5% of steps, then constant or cosine decay to 2%."""
+    warmup = max(1, int(0.05 * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _all_sum(values: list[float], device) -> list[float]:
+    """Sum ``values`` over the workers (identity with one worker)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _train_loop(c: dict) -> None:
+    """One Ray Train worker: resume if a checkpoint exists, train, validate, report per epoch."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    from torch import nn
+
+    from pipeline.config import StorageConfig
+    from pipeline.models import build_attribute_model, normalize_images
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    n_attr = len(c["attributes"])
+    torch.manual_seed(derive_seed(c["seed"], STAGE, "init"))
+    model = build_attribute_model(n_attr, c["pretrained"], StorageConfig(**c["storage"]))
+
+    state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # a restarted run (same storage path + name): pick up from it
+        state = _load_checkpoint(checkpoint)
+        model.load_state_dict(state["model"])
+    model = ray.train.torch.prepare_model(model)  # to device; DDP when world > 1
+    total_steps = c["epochs"] * c["steps_per_epoch"]
+    opt = torch.optim.AdamW(model.parameters(), lr=c["lr"], weight_decay=c["weight_decay"])
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: _lr_factor(s, total_steps, c["schedule"]))
+    scaler = torch.amp.GradScaler("cuda", enabled=c["use_amp"])
+    start_epoch, step, history = 1, 0, []
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, step, history = state["epoch"] + 1, state["step"], list(state["history"])
+        if rank == 0:
+            print(f"[{STAGE}] resuming from the checkpoint of epoch {state['epoch']}", flush=True)
+    pos_weight = torch.tensor(c["pos_weight"], device=device) if c["pos_weight"] else None
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    train_collate, val_collate = _Collate(c["seed"], c["augment"]), _Collate(c["seed"], False)
+    amp = dict(device_type=device.type, dtype=torch.float16, enabled=c["use_amp"])
+
+    for epoch in range(start_epoch, c["epochs"] + 1):
+        if c["fail_after_epoch"] is not None and epoch > c["fail_after_epoch"]:
+            raise RuntimeError(f"injected failure after epoch {c['fail_after_epoch']}")
+        t0 = time.time()
+        train_collate.epoch = epoch
+        model.train()
+        loss_sum, seen, epoch_steps, t_log, seen_log = 0.0, 0, 0, time.time(), 0
+        for batch in train_shard.iter_torch_batches(
+                batch_size=c["batch_size"], collate_fn=train_collate, drop_last=c["drop_last"],
+                local_shuffle_buffer_size=c["shuffle_buffer"] or None,
+                local_shuffle_seed=derive_seed(c["seed"], STAGE, "shuffle", epoch, rank)):
+            x, y = normalize_images(batch["image"]), batch["labels"]
+            with torch.autocast(**amp):
+                logits = model(x)
+            loss = loss_fn(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            step += 1
+            epoch_steps += 1
+            loss_sum += float(loss.detach()) * len(y)
+            seen += len(y)
+            if rank == 0 and epoch_steps % c["log_every"] == 0:
+                now = time.time()
+                print(f"[{STAGE}] epoch {epoch}/{c['epochs']} step {epoch_steps}/"
+                      f"{c['steps_per_epoch']} loss {float(loss):.4f} "
+                      f"{(seen - seen_log) * world / (now - t_log):.1f} img/s "
+                      f"lr {sched.get_last_lr()[0]:.2e}", flush=True)
+                t_log, seen_log = now, seen
+            if c["max_steps_per_epoch"] and epoch_steps >= c["max_steps_per_epoch"]:
+                break
+        train_time = time.time() - t0
+        if seen == 0:
+            raise RuntimeError(f"epoch {epoch}: no training image could be decoded on worker "
+                               f"{rank}; see the errors/ table")
+
+        # validation: sums over every worker's shard, so all ranks report the same numbers
+        model.eval()
+        v_loss, v_n, v_correct = 0.0, 0, np.zeros(n_attr)
+        with torch.no_grad():
+            for batch in val_shard.iter_torch_batches(batch_size=c["batch_size"],
+                                                      collate_fn=val_collate):
+                x, y = normalize_images(batch["image"]), batch["labels"]
+                with torch.autocast(**amp):
+                    logits = model(x).float()
+                v_loss += float(loss_fn(logits, y)) * len(y)
+                v_n += len(y)
+                v_correct += ((logits >= 0) == (y >= 0.5)).sum(0).cpu().numpy()
+        sums = _all_sum([loss_sum, seen, train_time, v_loss, v_n, *v_correct], device)
+        loss_sum, seen_all, _, v_loss, v_n = sums[:5]
+        v_correct = np.array(sums[5:])
+        row = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(seen_all, 1),
+               "val_loss": v_loss / max(v_n, 1),
+               SCORE: float((v_correct / max(v_n, 1)).mean()),
+               "images_per_s": seen_all / max(train_time, 1e-9),
+               "seconds": time.time() - t0}
+        history.append(row)
+        if rank == 0:
+            print(f"[{STAGE}] epoch {epoch}/{c['epochs']} done: train loss {row['train_loss']:.4f}"
+                  f" val loss {row['val_loss']:.4f} val mean acc {row[SCORE]:.4f} "
+                  f"{row['images_per_s']:.1f} img/s {row['seconds']:.1f} s", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:  # one copy of the (replicated) state is enough
+                net = model.module if hasattr(model, "module") else model
+                torch.save({"model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+                            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                            "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
+                            "history": history}, os.path.join(tmp, CHECKPOINT_FILE))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(dict(row), checkpoint=checkpoint)

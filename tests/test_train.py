@@ -1,0 +1,187 @@
+"""Stage train_attributes: a tiny Ray Train run end to end, two workers (gloo) on S3, resume after
+a killed run, bad input refused before any work, and the metric helpers on fixed arrays."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+import torch
+
+from pipeline import storage, tables
+from pipeline.models import load_attribute_model
+from pipeline.ray_runtime import NoGPUError
+from pipeline.schemas import manifest_schema
+from tests.conftest import s3_overrides
+from tests.helpers import tiny_config, write_tiny_manifest
+
+from pipeline import train  # noqa: E402  (after the helpers: same import order as the stage)
+
+N_IMAGES = 40  # 24 train / 8 val / 8 test (write_tiny_manifest's 60/20/20 split)
+
+
+def _model_dir(cfg) -> storage.Location:
+    return tables.location(cfg, train.MODEL_DIR)
+
+
+def _checkpoints(cfg) -> list[str]:
+    runs = tables.location(cfg, train.RUNS_DIR)
+    return sorted(i.path.rsplit("/", 2)[-2] for i in storage.list_files(runs)
+                  if i.path.endswith("/" + train.CHECKPOINT_FILE))
+
+
+# ---------------------------------------------------------------- end to end (Ray Train)
+
+@pytest.mark.slow
+def test_tiny_run_exports_a_loadable_model_metrics_history_and_errors(tmp_path, ray_session):
+    from pipeline.run import run_stage
+
+    cfg = tiny_config(tmp_path, "train.attributes=[\"Male\", \"Smiling\", \"Eyeglasses\"]",
+                      "train.tune_thresholds=true")
+    manifest = write_tiny_manifest(cfg, N_IMAGES)
+    broken = manifest.filter(pc.equal(manifest["split"], "train"))["uri"][0].as_py()
+    Path(broken).write_bytes(b"not a jpeg at all")
+
+    result = run_stage(cfg, "train_attributes")
+    assert result["train_rows"] == 24 and result["errors"] == 1 and result["epochs"] == 1
+
+    model, info = load_attribute_model(_model_dir(cfg))
+    assert info.attributes == ["Male", "Smiling", "Eyeglasses"] and info.image_size == 32
+    assert len(info.thresholds) == 3 and all(0.05 <= t <= 0.95 for t in info.thresholds)
+    state = torch.load(io.BytesIO(storage.read_bytes(_model_dir(cfg).join("model.pt"))),
+                       weights_only=True)
+    assert set(state) == set(model.state_dict())
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+
+    metrics = tables.read(cfg, f"{train.MODEL_DIR}/metrics")
+    assert metrics.schema.remove_metadata() == train.METRICS_SCHEMA
+    assert metrics["attribute"].to_pylist() == ["Male", "Smiling", "Eyeglasses", train.MEAN_ROW]
+    assert metrics["n"].to_pylist() == [8] * 4
+    acc = metrics["accuracy"].to_pylist()
+    assert all(0 <= a <= 1 for a in acc) and acc[-1] == pytest.approx(np.mean(acc[:3]))
+    history = tables.read(cfg, f"{train.MODEL_DIR}/history")
+    assert history.schema.remove_metadata() == train.HISTORY_SCHEMA
+    assert history["epoch"].to_pylist() == [1] and history["images_per_s"][0].as_py() > 0
+
+    errors = tables.read_errors(cfg, "train_attributes")
+    assert errors["uri"].to_pylist() == [broken]
+    assert "decode" in errors["reason"][0].as_py()
+
+    assert run_stage(cfg, "train_attributes") == {"skipped": True}  # complete: not redone
+
+
+@pytest.mark.slow
+@pytest.mark.s3
+def test_two_cpu_workers_with_gloo_on_s3_storage(tmp_path, ray_session, s3_server, s3_bucket):
+    cfg = tiny_config(tmp_path, f"output.root=s3://{s3_bucket}/run", *s3_overrides(s3_server),
+                      "train.num_workers=2", "train.cpus_per_worker=0.5",
+                      "train.attributes=[\"Male\", \"Smiling\"]", "train.batch_size=8")
+    write_tiny_manifest(cfg, N_IMAGES)
+
+    result = train.run(cfg)
+    assert result["num_workers"] == 2 and result["use_gpu"] is False
+    history = tables.read(cfg, f"{train.MODEL_DIR}/history")
+    # 24 train rows split equally over 2 workers: 12 each, one full batch of 8 per worker
+    assert history["step"].to_pylist() == [1]
+    _, info = load_attribute_model(_model_dir(cfg))
+    assert info.attributes == ["Male", "Smiling"]
+    assert len(_checkpoints(cfg)) == 1  # the checkpoint went to S3 through Ray Train
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_checkpoint(tmp_path, ray_session):
+    from ray.train import Result
+
+    cfg = tiny_config(tmp_path, "train.epochs=2", "train.attributes=[\"Male\", \"Eyeglasses\"]")
+    write_tiny_manifest(cfg, N_IMAGES)
+
+    with pytest.raises(Exception, match="injected failure after epoch 1"):
+        train._run(cfg, fail_after_epoch=1)
+    first = _checkpoints(cfg)
+    assert len(first) == 1
+    run_dir = tables.location(cfg, train.RUNS_DIR)
+    (name,) = {i.path.rsplit("/", 3)[-3] for i in storage.list_files(run_dir)
+               if i.path.endswith(train.CHECKPOINT_FILE)}
+    epoch1 = Result.from_path(run_dir.join(name).path).metrics
+    assert epoch1["epoch"] == 1
+
+    result = train.run(cfg)  # same config, same storage: picks up after epoch 1
+    assert result["resumed_from_epoch"] == 1 and result["epochs"] == 2
+    history = tables.read(cfg, f"{train.MODEL_DIR}/history").to_pylist()
+    assert [r["epoch"] for r in history] == [1, 2]
+    assert history[1]["step"] == 2 * history[0]["step"]  # the step counter went on
+    # epoch 1 was not trained again: its row is the killed run's, timing included
+    assert history[0]["seconds"] == pytest.approx(epoch1["seconds"])
+    assert history[0]["train_loss"] == pytest.approx(epoch1["train_loss"])
+    assert set(first) < set(_checkpoints(cfg))  # epoch 1's checkpoint kept, epoch 2's added
+
+
+# ---------------------------------------------------------------- bad input, before any work
+
+def _assert_no_work(cfg):
+    assert not storage.exists(_model_dir(cfg))
+
+
+def test_attribute_missing_from_manifest_is_refused(tmp_path, ray_session):
+    cfg = tiny_config(tmp_path, "train.attributes=[\"Male\", \"Has_Wings\"]")
+    write_tiny_manifest(cfg, 10)
+    with pytest.raises(train.TrainInputError, match="Has_Wings"):
+        train.run(cfg)
+    _assert_no_work(cfg)
+
+
+def test_empty_train_split_is_refused(tmp_path, ray_session):
+    cfg = tiny_config(tmp_path)
+    m = write_tiny_manifest(cfg, 10)
+    m = m.set_column(m.schema.get_field_index("split"), "split",
+                     pa.array(["val"] * 5 + ["test"] * 5))
+    tables.replace(cfg, "manifest", m, schema=manifest_schema())
+    with pytest.raises(train.TrainInputError, match="'train' split is empty"):
+        train.run(cfg)
+    _assert_no_work(cfg)
+
+
+def test_gpu_requested_without_gpu_is_refused(tmp_path, ray_session):
+    cfg = tiny_config(tmp_path, "train.use_gpu=true", "ray.allow_cpu_fallback=false")
+    write_tiny_manifest(cfg, 10)
+    with pytest.raises(NoGPUError, match="no GPU"):
+        train.run(cfg)
+    _assert_no_work(cfg)
+
+
+# ---------------------------------------------------------------- helpers on fixed arrays
+
+def test_metrics_against_hand_computed_values():
+    y = np.array([[1, 0], [1, 0], [0, 0], [0, 0]], dtype=bool)
+    p = np.array([[0.9, 0.1], [0.4, 0.7], [0.2, 0.2], [0.6, 0.3]])
+    t = train._test_metrics(["A", "B"], y, p, np.array([0.5, 0.5]), np.array([0.3, 0.6]))
+    a, b, mean = t.to_pylist()
+    assert a["accuracy"] == 0.5 and a["majority_baseline"] == 0.5  # majority: negative
+    assert a["balanced_accuracy"] == 0.5 and a["f1"] == 0.5 and a["roc_auc"] == 0.75
+    assert a["predicted_positive_rate"] == 0.5 and a["true_positive_rate"] == 0.5
+    assert b["accuracy"] == 0.75 and b["majority_baseline"] == 0.0  # train's majority: positive
+    assert b["roc_auc"] is None  # one class only on test
+    assert mean["attribute"] == train.MEAN_ROW and mean["accuracy"] == 0.625
+    assert mean["roc_auc"] == 0.75  # mean over the attributes where it is defined
+    assert t.schema == train.METRICS_SCHEMA
+
+
+def test_thresholds_tuned_for_val_accuracy():
+    y = np.array([[1], [1], [0], [0]], dtype=bool)
+    p = np.array([[0.35], [0.30], [0.20], [0.10]])  # separable at 0.25, not at 0.5
+    (thr,) = train._tune_thresholds(y, p)
+    assert 0.20 < thr <= 0.30
+    assert train._tune_thresholds(y, np.array([[0.9], [0.8], [0.2], [0.1]]))[0] == 0.5
+
+
+def test_augmentation_is_seeded_and_keeps_shape():
+    imgs = np.random.default_rng(0).integers(0, 255, (4, 16, 16, 3), dtype=np.uint8)
+    a = train._augment(imgs, np.random.default_rng(1))
+    b = train._augment(imgs, np.random.default_rng(1))
+    assert a.shape == imgs.shape and a.dtype == np.uint8 and np.array_equal(a, b)
+    assert not np.array_equal(a, imgs)
