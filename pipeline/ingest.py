@@ -323,10 +323,8 @@ def _celeba(cfg: Config, root: storage.Location, listing: pl.DataFrame):
                          f"{[d + '/' for d in CELEBA_IMAGE_DIRS]}")
     details["files"]["images"] = image_dir + "/"
     imgs = imgs.with_columns(pl.col("sub").alias("image_id")).select("image_id", "path", "size")
-    imgs, zero = _zero_byte_errors(imgs, root)
-    errs.append(zero)
 
-    # Annotated images missing from storage; images without annotation.
+    # Annotated images missing from storage; images without annotation; then empty files.
     missing = ann.join(imgs, on="image_id", how="anti")
     if missing.height:
         errs.append(missing.select(
@@ -337,6 +335,8 @@ def _celeba(cfg: Config, root: storage.Location, listing: pl.DataFrame):
         errs.append(unannotated.select(
             "image_id", _uri_expr(root),
             pl.lit(f"image has no row in {attr_name} (not annotated)").alias("reason")))
+    imgs, zero = _zero_byte_errors(imgs.join(ann.select("image_id"), on="image_id", how="semi"), root)
+    errs.append(zero)
     df = ann.join(imgs, on="image_id", how="inner")
 
     # Official split.
