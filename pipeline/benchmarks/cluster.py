@@ -1,0 +1,115 @@
+"""`python -m jobs.benchmark cluster [--config FILE] [-- --rows N --dim D --spaces S --full-n N]`
+
+Two measurements on generated data (no inputs needed, so it runs anywhere):
+
+1. **Sweep, sequential vs Ray.** ``spaces`` generated matrices of ``rows`` x ``dim`` (planted
+   Gaussian clusters) go through the stage's own sweep (:func:`pipeline.cluster.run_sweep`,
+   the config's algorithms and k range): one spec after another in this process, twice —
+   with BLAS/OpenMP free to use every core (as a user's plain loop would run) and limited to
+   one thread (``threadpoolctl``; what each Ray task gets, since Ray sets OMP_NUM_THREADS to a
+   task's CPUs) — and once as Ray tasks on the same machine (``cluster.cpus_per_task`` CPUs
+   each). The one-thread loop is the fair baseline for the parallelism itself; the gap between
+   the two loops is oversubscription (OpenMP threads spinning on busy cores), which on a
+   loaded machine is large. Ray's workers are started before the clock starts (a warm-up task
+   per CPU), so the Ray time is the sweep itself plus ``ray.put``. The load average is
+   reported because shared machines make every number here noisy.
+   Both paths run the same function on the same seeds; ``same_labels`` says whether they gave
+   identical labels.
+2. **Full-N fit.** K-Means on a ``full_n`` x 50 matrix (CelebA's 202,599 rows by default):
+   ``MiniBatchKMeans`` (what the stage uses above ``cluster.minibatch_threshold``) and, with
+   ``--full-kmeans true``, Lloyd's ``KMeans`` for comparison.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from pipeline.cluster._fit import SweepSpec, fit_predict
+from pipeline.cluster._spaces import Space
+from pipeline.cluster._stage import SpaceJob, _seeded_sample, run_sweep, sweep_specs
+from pipeline.config import Config
+from pipeline.seeds import derive_seed, rng
+
+
+def planted(n: int, dim: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` rows in ``dim`` dimensions around ``k`` Gaussian centres (overlapping a little)."""
+    r = np.random.default_rng(seed)
+    truth = r.integers(0, k, n)
+    centres = r.normal(0, 3, (k, dim))
+    return (centres[truth] + r.normal(0, 1, (n, dim))).astype(np.float32), truth
+
+
+def run(cfg: Config, rows: int = 10000, dim: int = 50, spaces: int = 3, full_n: int = 202599,
+        full_k: int = 5, full_kmeans: bool = False) -> dict:
+    import ray
+
+    from pipeline.ray_runtime import cluster_cpus, ensure_ray
+
+    c = cfg.cluster
+    jobs, specs = [], {}
+    for s in range(spaces):
+        name = f"space{s}"
+        X, truth = planted(rows, dim, 5, derive_seed(cfg.run.seed, "bench", "cluster", name))
+        job = SpaceJob(Space(name, np.arange(rows).astype(str).astype(object), X,
+                             [f"d{i}" for i in range(dim)]),
+                       {"planted": truth.astype(np.int8)},
+                       _seeded_sample(cfg.run.seed, rows, c.sample_rows, "sample", name),
+                       _seeded_sample(cfg.run.seed, rows, c.silhouette_rows, "silhouette", name))
+        jobs.append(job)
+        specs[name], _ = sweep_specs(cfg, job)
+    n_tasks = sum(len(v) for v in specs.values())
+
+    from threadpoolctl import threadpool_limits
+
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    seq = run_sweep(jobs, specs, parallel=False)
+    seq_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with threadpool_limits(1):
+        seq1 = run_sweep(jobs, specs, parallel=False)
+    seq1_s = time.perf_counter() - t0
+
+    ensure_ray(cfg)
+    cpus = cluster_cpus()
+    warm = ray.remote(num_cpus=c.cpus_per_task)(lambda: os.getpid())
+    ray.get([warm.remote() for _ in range(max(1, int(cpus / c.cpus_per_task)))])
+    t0 = time.perf_counter()
+    par = run_sweep(jobs, specs, parallel=True, cpus_per_task=c.cpus_per_task)
+    ray_s = time.perf_counter() - t0
+    same = all(np.array_equal(a[1], b[1]) and np.array_equal(a[1], c1[1])
+               for a, b, c1 in zip(seq, par, seq1))
+
+    X, _ = planted(full_n, 50, full_k, derive_seed(cfg.run.seed, "bench", "cluster", "full"))
+    seed = derive_seed(cfg.run.seed, "bench", "cluster", "full", "fit")
+    full = {}
+    kinds = ["minibatch"] + (["lloyd"] if full_kmeans else [])
+    for kind in kinds:
+        threshold = 0 if kind == "minibatch" else full_n + 1
+        t0 = time.perf_counter()
+        labels, _ = fit_predict(X, SweepSpec("full", "kmeans", full_k, seed, threshold), None)
+        full[f"{kind}_kmeans_seconds"] = round(time.perf_counter() - t0, 2)
+    sil_idx = np.sort(rng(cfg.run.seed, "bench", "sil").choice(full_n, c.silhouette_rows,
+                                                               replace=False))
+    from sklearn.metrics import silhouette_score
+
+    t0 = time.perf_counter()
+    silhouette_score(X[sil_idx], labels[sil_idx])
+    full[f"silhouette_on_{c.silhouette_rows}_rows_seconds"] = round(time.perf_counter() - t0, 2)
+
+    return {
+        "machine": {"os_cpus": os.cpu_count(), "ray_cpus": cpus,
+                    "cpus_per_task": c.cpus_per_task, "load_average_1min": round(load_before, 1)},
+        "sweep": {"spaces": spaces, "rows": rows, "dim": dim, "algorithms": c.algorithms,
+                  "k": [c.k_min, c.k_max], "tasks": n_tasks,
+                  "sequential_seconds": round(seq_s, 2),
+                  "sequential_1thread_seconds": round(seq1_s, 2),
+                  "ray_seconds": round(ray_s, 2),
+                  "speedup_vs_sequential": round(seq_s / ray_s, 2),
+                  "speedup_vs_sequential_1thread": round(seq1_s / ray_s, 2),
+                  "same_labels": same},
+        "full_n_fit": {"rows": full_n, "dim": 50, "k": full_k, **full},
+    }
