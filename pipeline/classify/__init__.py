@@ -1,0 +1,94 @@
+"""Classify stage: classifiers for a subjective label (``classify.target``, default
+"Attractive"), global and per cluster, with cluster-based undersampling, and a disaggregated
+fairness evaluation.
+
+Entry point: :func:`run` ``(cfg) -> dict``. Inputs: ``manifest/``, ``features/`` (when the
+``semantic`` or ``embedding`` feature sources are used) and ``clusters/primary`` (optional:
+without it the per-cluster models and the cluster-based samplings are skipped, with the reason
+recorded in run.json; the global models still run).
+
+Features (``classify.features``): see :mod:`pipeline.classify._data`. The target is never a
+feature (asserted).
+
+Models (``classify.models``): ``random_forest``, ``logistic_regression`` (StandardScaler +
+LogisticRegression) and ``hist_gradient_boosting``, each an sklearn ``Pipeline`` whose last step
+is named ``"model"``; hyper-parameters are ``_fit.DEFAULT_PARAMS`` overridden by
+``classify.params.<model>``; ``random_state`` is derived from ``run.seed``.
+
+What is trained (one Ray task per model × sampling × trained_on):
+
+- ``trained_on = "global"``: one model on the whole training split;
+- ``trained_on = "cluster_<c>"`` (``classify.per_cluster``): one model per cluster of
+  ``clusters/primary``, on that cluster's training rows, with samplings ``none`` and ``class``
+  only — inside a single cluster ``cluster`` equals ``none`` and ``cluster_class`` equals
+  ``class``, so those fits would be duplicates and are skipped (recorded).
+
+Undersampling of the training rows (``classify.samplings``; rows are only removed, drawn without
+replacement from a seed derived from ``run.seed``, the sampling name and trained_on — every
+model of a sampling sees the same rows). With ``K`` clusters, and ``n_s`` the size of stratum
+``s`` in the training rows:
+
+====================  ===========================  ==========================================
+sampling              strata made equal            resulting proportions
+====================  ===========================  ==========================================
+``none``              —                            as in the training split
+``class``             the two classes              exactly 50 % / 50 %; cluster shares
+                                                   roughly as before (only the class mix moves)
+``cluster``           the K clusters               exactly 1/K rows per cluster
+                                                   (each cut to min_c n_c); class mix inside a
+                                                   cluster as found there
+``cluster_class``     the 2K (cluster, class)      exactly 1/(2K) per cell: 50/50 overall and
+                      cells                        in every cluster, 1/K per cluster
+====================  ===========================  ==========================================
+
+Rows without a cluster (no assignment, or HDBSCAN noise) take no part in ``cluster`` and
+``cluster_class``. ``cluster_class`` needs both classes in every cluster; otherwise that fit is
+skipped with the empty cells named. A fit whose sampled rows hold fewer than
+``classify.min_class_rows`` of a class is skipped likewise.
+
+Train / choose / evaluate: models are fitted on the (sampled) ``train`` split; on the ``val``
+split (never undersampled, restricted to the model's cluster for a per-cluster model) the
+decision threshold is chosen that maximises ``classify.threshold_metric`` (candidates: 0.5 and
+the val scores' 1st..99th percentiles; ties go to the one nearest 0.5; ``none`` keeps 0.5);
+hyper-parameters are not searched. Optional feature selection (``classify.feature_selection``:
+``mutual_info`` or forest ``importance``, keeping ``select_k``) runs on the sampled training
+rows of each fit; the chosen columns are the model's ``features`` in ``classifiers/models``.
+Everything is reported on the ``test`` split only.
+
+Evaluation (:mod:`pipeline.classify._evaluate`): per model × sampling, for ``trained_on =
+"global"`` and ``"per_cluster"`` (the per-cluster models stitched: each test row scored by its own
+cluster's model), with ``fairlearn.metrics.MetricFrame`` over: overall, ``cluster`` and each
+attribute of ``classify.sensitive`` present in the manifest (use ``["gender", "race"]`` for
+UTKFace). Metrics: accuracy, balanced_accuracy, precision, recall (TPR), fpr, f1, roc_auc,
+selection_rate, base_rate; per grouping the gaps ``<metric>_gap_difference`` (max − min over
+groups), ``<metric>_gap_ratio`` (min / max), ``demographic_parity_difference`` and
+``equalized_odds_difference``; all with ``classify.bootstrap`` percentile intervals at
+``classify.ci_level``.
+
+Outputs (under ``output.root``):
+
+- ``classifiers/dataset``: :func:`dataset_schema` — image_id, split, cluster, target, then the
+  features (float64) in the order the models were trained on (explain reads it as is);
+- ``classifiers/models``: :data:`MODELS_SCHEMA` index, plus one ``<model>__<sampling>__<trained_on>.skops``
+  file per fit in the same folder (load with :func:`load_model`; no pickle);
+- ``classifiers/metrics``: :data:`METRICS_SCHEMA`, long format;
+- ``classifiers/predictions``: :data:`PREDICTIONS_SCHEMA`, test rows of every fit;
+- ``errors/classify.parquet``: images that could not be used, with the reason.
+
+Reference configuration (global logistic regression on CelebA's ground-truth attributes, the
+official partition; an earlier study reports accuracy 0.7817 for this model)::
+
+    python -m jobs.classify --config jobs/configs/celeba.toml \\
+        --set 'classify.features=["annotations"]' \\
+        --set 'classify.models=["logistic_regression"]' \\
+        --set 'classify.samplings=["none"]' --set classify.per_cluster=false \\
+        --set classify.threshold_metric=none
+"""
+
+from pipeline.classify._data import dataset_schema
+from pipeline.classify._fit import DEFAULT_PARAMS, TRUSTED_TYPES, load_model
+from pipeline.classify._stage import (METRICS_SCHEMA, MODELS_SCHEMA, PREDICTIONS_SCHEMA,
+                                      execute, run)
+
+__all__ = ["run", "dataset_schema", "MODELS_SCHEMA", "METRICS_SCHEMA", "PREDICTIONS_SCHEMA",
+           "TRUSTED_TYPES", "DEFAULT_PARAMS", "load_model", "execute"]

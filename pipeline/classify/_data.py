@@ -1,0 +1,234 @@
+"""The classify stage's inputs: one row per usable image with its features, target, split,
+cluster and sensitive-group labels, built once and shared by every fit.
+
+Feature sources (``classify.features``), in this column order:
+
+- ``semantic``: the extract stage's predicted probabilities ``p_<Attribute>``, except ``p_<target>``.
+- ``annotations``: the manifest's ground-truth boolean attributes as 0/1, named as in the
+  manifest, except the target; attributes the dataset does not annotate (all null) are left out.
+- ``embedding``: the first ``classify.embedding_components`` principal components
+  ``pc_1 ... pc_k`` of the embedding; PCA is fitted on the train split only (seeded).
+
+Rows that cannot be used (target or a used annotation is null, no features row, unknown split)
+go to ``errors/`` with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+from sklearn.decomposition import PCA
+
+from pipeline import tables
+from pipeline.classify._fit import SPLIT_CODES
+from pipeline.config import Config
+from pipeline.schemas import SPLITS, manifest_attributes
+from pipeline.seeds import derive_seed
+
+log = logging.getLogger(__name__)
+
+
+class NoTarget(Exception):
+    """The manifest has no labels at all (e.g. a plain folder of faces)."""
+
+
+def dataset_schema(features: list[str]) -> pa.Schema:
+    """``classifiers/dataset``: the exact matrix the models were trained and evaluated on."""
+    return pa.schema(
+        [pa.field("image_id", pa.string(), nullable=False),
+         pa.field("split", pa.string(), nullable=False),  # train / val / test
+         pa.field("cluster", pa.int32()),  # clusters/primary; null = none (or noise)
+         pa.field("target", pa.bool_(), nullable=False)]  # classify.target
+        + [pa.field(f, pa.float64(), nullable=False) for f in features])
+
+
+@dataclass
+class Inputs:
+    image_id: np.ndarray  # str, sorted
+    split: np.ndarray  # int8 codes (SPLIT_CODES)
+    y: np.ndarray  # bool
+    cluster: np.ndarray  # int32, -1 = no cluster
+    X: np.ndarray  # float64 n × f
+    feature_names: list[str]
+    sensitive: dict[str, np.ndarray]  # name -> object array of group labels (None = missing)
+    has_clusters: bool
+    errors: list[dict] = field(default_factory=list)
+    notes: dict = field(default_factory=dict)
+
+    def arrays(self) -> dict:
+        """What the fit tasks need (goes through the object store once)."""
+        return {"X": self.X, "y": self.y, "cluster": self.cluster, "split": self.split,
+                "feature_names": list(self.feature_names)}
+
+    def table(self) -> pa.Table:
+        split_names = np.array(list(SPLIT_CODES))[self.split]
+        cols = {"image_id": self.image_id.astype(object), "split": split_names,
+                "cluster": pa.array(self.cluster, pa.int32(), mask=self.cluster < 0),
+                "target": self.y}
+        for j, name in enumerate(self.feature_names):
+            cols[name] = self.X[:, j]
+        return pa.table(cols, schema=dataset_schema(self.feature_names))
+
+
+def _null_errors(df: pl.DataFrame, col: str, reason: str) -> list[dict]:
+    bad = df.filter(pl.col(col).is_null())
+    return [{"image_id": r["image_id"], "uri": r.get("uri"), "reason": reason}
+            for r in bad.select([c for c in ("image_id", "uri") if c in bad.columns]).to_dicts()]
+
+
+def load_inputs(cfg: Config) -> Inputs:
+    c = cfg.classify
+    target = c.target
+    manifest = tables.read(cfg, "manifest")
+    attrs = manifest_attributes(manifest.schema)
+    m = pl.from_arrow(manifest)
+    labelled = [a for a in attrs if m[a].null_count() < m.height]
+    if not labelled:
+        raise NoTarget("the manifest holds no annotated boolean attribute (nothing to classify)")
+    if target not in m.columns:
+        raise ValueError(f"classify.target={target!r} is not a manifest column; annotated "
+                         f"attributes are {labelled}")
+    if target not in attrs:
+        raise ValueError(f"classify.target={target!r} must be a boolean attribute, manifest has "
+                         f"type {manifest.schema.field(target).type}")
+    if target not in labelled:
+        raise NoTarget(f"classify.target={target!r} is null for every image of this dataset")
+    errors: list[dict] = []
+    notes: dict = {}
+
+    # -- rows: known split, target present
+    bad_split = m.filter(~pl.col("split").is_in(list(SPLITS)))
+    errors += [{"image_id": r["image_id"], "uri": r["uri"],
+                "reason": f"classify: split {r['split']!r} is not one of {list(SPLITS)}"}
+               for r in bad_split.select("image_id", "uri", "split").to_dicts()]
+    m = m.filter(pl.col("split").is_in(list(SPLITS)))
+    errors += _null_errors(m, target, f"classify: target {target} is null")
+    m = m.filter(pl.col(target).is_not_null())
+
+    names: list[str] = []
+    blocks: list[pl.DataFrame] = []  # per source: image_id + feature columns
+    need_features = any(s in c.features for s in ("semantic", "embedding"))
+    feats = None
+    if need_features:
+        if not tables.exists(cfg, "features"):
+            raise ValueError(f"classify.features={c.features} needs the features/ table, which "
+                             f"is missing under {cfg.output.root}: run the extract stage first, "
+                             "or set classify.features=[\"annotations\"]")
+        feats = tables.read(cfg, "features")
+        fids = set(feats.column("image_id").to_pylist())
+        missing = m.filter(~pl.col("image_id").is_in(list(fids)))
+        errors += [{"image_id": r["image_id"], "uri": r["uri"],
+                    "reason": "classify: no features row for this image (extract skipped it)"}
+                   for r in missing.select("image_id", "uri").to_dicts()]
+        m = m.filter(pl.col("image_id").is_in(list(fids)))
+
+    for source in c.features:
+        if source == "semantic":
+            cols = [n for n in feats.column_names if n.startswith("p_") and n != f"p_{target}"]
+            if not cols:
+                raise ValueError("classify.features has 'semantic' but features/ has no p_* "
+                                 "columns besides the target's")
+            df = pl.from_arrow(feats.select(["image_id"] + cols))
+            bad = df.filter(pl.any_horizontal([pl.col(x).is_null() | pl.col(x).is_nan()
+                                               for x in cols]))
+            errors += [{"image_id": i, "uri": None,
+                        "reason": "classify: a predicted attribute is null/NaN"}
+                       for i in bad["image_id"].to_list()]
+            df = df.filter(~pl.col("image_id").is_in(bad["image_id"]))
+            blocks.append(df.with_columns([pl.col(x).cast(pl.Float64) for x in cols]))
+            names += cols
+        elif source == "annotations":
+            cols = [a for a in labelled if a != target]
+            dropped = [a for a in attrs if a not in labelled]
+            if dropped:
+                notes["annotations_not_in_dataset"] = dropped
+            if not cols:
+                raise ValueError("classify.features has 'annotations' but the manifest annotates "
+                                 "no attribute besides the target")
+            sub = m.select(["image_id"] + cols)
+            bad = sub.filter(pl.any_horizontal([pl.col(x).is_null() for x in cols]))
+            errors += [{"image_id": i, "uri": None,
+                        "reason": "classify: a ground-truth annotation is null"}
+                       for i in bad["image_id"].to_list()]
+            sub = sub.filter(~pl.col("image_id").is_in(bad["image_id"]))
+            blocks.append(sub.with_columns([pl.col(x).cast(pl.Float64) for x in cols]))
+            names += cols
+        elif source == "embedding":
+            emb = feats.select(["image_id", "embedding"])
+            ids = np.asarray(emb.column("image_id").to_pylist(), dtype=object)
+            col = emb.column("embedding").combine_chunks()
+            if col.null_count:
+                raise ValueError("features/embedding has null rows; rerun extract")
+            E = col.flatten().to_numpy().reshape(len(col), -1).astype(np.float64)
+            train_ids = set(m.filter(pl.col("split") == "train")["image_id"].to_list())
+            is_train = np.array([i in train_ids for i in ids])
+            k = min(c.embedding_components, E.shape[1], int(is_train.sum()))
+            if k < 1:
+                raise ValueError("no train rows with an embedding to fit the PCA on")
+            pca = PCA(n_components=k, svd_solver="randomized",
+                      random_state=derive_seed(cfg.run.seed, "classify", "pca"))
+            pca.fit(E[is_train])
+            Z = pca.transform(E)
+            cols = [f"pc_{j + 1}" for j in range(k)]
+            notes["embedding_pca_explained_variance"] = float(pca.explained_variance_ratio_.sum())
+            blocks.append(pl.DataFrame({"image_id": ids, **{n: Z[:, j] for j, n in enumerate(cols)}},
+                                       schema_overrides={"image_id": pl.String}))
+            names += cols
+        else:  # the config's Literal already forbids this
+            raise ValueError(f"unknown feature source {source!r}")
+    if target in names or f"p_{target}" in names:  # the target must never be its own feature
+        raise AssertionError(f"target {target} leaked into the features")
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate feature names across classify.features sources: {names}")
+
+    base = m.select("image_id", "split", pl.col(target).alias("__target"),
+                    *[pl.col(s) for s in c.sensitive if s in m.columns])
+    for b in blocks:
+        base = base.join(b, on="image_id", how="inner")
+    # -- clusters
+    has_clusters = tables.exists(cfg, "clusters/primary")
+    if has_clusters:
+        cl = pl.from_arrow(tables.read(cfg, "clusters/primary", columns=["image_id", "cluster"]))
+        base = base.join(cl.with_columns(pl.col("cluster").cast(pl.Int32)), on="image_id",
+                         how="left")
+        # negative labels are "noise" (HDBSCAN); such rows belong to no cluster
+        n_noise = base.filter(pl.col("cluster") < 0).height
+        if n_noise:
+            notes["rows_in_noise_cluster"] = n_noise
+        base = base.with_columns(pl.when(pl.col("cluster") >= 0).then(pl.col("cluster"))
+                                 .otherwise(None).alias("cluster"))
+        notes["rows_without_cluster"] = int(base["cluster"].null_count())
+    else:
+        notes["clusters"] = ("clusters/primary missing: per-cluster models and the cluster / "
+                             "cluster_class samplings are skipped")
+        base = base.with_columns(pl.lit(None, dtype=pl.Int32).alias("cluster"))
+    base = base.sort("image_id")
+
+    sensitive: dict[str, np.ndarray] = {}
+    skipped: dict[str, str] = {}
+    for s in c.sensitive:
+        if s == target:
+            skipped[s] = "is the target"
+        elif s not in m.columns:
+            skipped[s] = "not a manifest column"
+        elif base[s].null_count() == base.height:
+            skipped[s] = "null for every image of this dataset"
+        else:
+            vals = base[s].to_list()
+            sensitive[s] = np.array([None if v is None else str(v) for v in vals], dtype=object)
+    if skipped:
+        notes["sensitive_skipped"] = skipped
+        log.warning("classify: sensitive attributes skipped: %s", skipped)
+
+    return Inputs(
+        image_id=base["image_id"].to_numpy().astype(object),
+        split=np.array([SPLIT_CODES[s] for s in base["split"].to_list()], dtype=np.int8),
+        y=base["__target"].to_numpy().astype(bool),
+        cluster=base["cluster"].fill_null(-1).to_numpy().astype(np.int32),
+        X=base.select(names).to_numpy().astype(np.float64) if names else np.zeros((base.height, 0)),
+        feature_names=names, sensitive=sensitive, has_clusters=has_clusters,
+        errors=errors, notes=notes)

@@ -1,0 +1,286 @@
+"""The classify stage's driver: plan the fits, run them (Ray tasks or in-process), evaluate,
+write the tables. See the package docstring for what each output means."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import storage, tables
+from pipeline.classify._data import Inputs, NoTarget, load_inputs
+from pipeline.classify._evaluate import bootstrap_weights, evaluate
+from pipeline.classify._fit import (MODEL_NAMES, SPLIT_CODES, FitResult, FitSpec,
+                                   build_estimator, fit_one)
+from pipeline.classify._sampling import PER_CLUSTER_SAMPLINGS
+from pipeline.config import Config
+from pipeline.seeds import derive_seed
+
+log = logging.getLogger(__name__)
+
+MODELS_SCHEMA = pa.schema([
+    pa.field("model", pa.string(), nullable=False),  # random_forest | logistic_regression | ...
+    pa.field("sampling", pa.string(), nullable=False),  # none | class | cluster | cluster_class
+    pa.field("trained_on", pa.string(), nullable=False),  # "global" or "cluster_<c>"
+    pa.field("cluster", pa.int32()),  # c for "cluster_<c>", null for global
+    pa.field("path", pa.string(), nullable=False),  # skops file, relative to output.root
+    pa.field("features", pa.list_(pa.string()), nullable=False),  # model input columns, in order
+    pa.field("n_train", pa.int64(), nullable=False),  # training rows after undersampling
+    pa.field("target", pa.string(), nullable=False),  # classify.target
+    pa.field("threshold", pa.float64(), nullable=False),  # decision threshold chosen on val
+    pa.field("n_train_positive", pa.int64(), nullable=False),  # positives among n_train
+])
+
+METRICS_SCHEMA = pa.schema([
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("sampling", pa.string(), nullable=False),
+    pa.field("trained_on", pa.string(), nullable=False),  # "global" or "per_cluster"
+    pa.field("evaluated_on", pa.string(), nullable=False),  # overall | cluster=3 | Male=True | gap:Male
+    pa.field("group_by", pa.string(), nullable=False),  # overall | cluster | <sensitive attribute>
+    pa.field("group", pa.string()),  # the group's value ("all" for overall); null on gap rows
+    pa.field("metric", pa.string(), nullable=False),  # accuracy ... / <m>_gap_difference ...
+    pa.field("value", pa.float64()),  # null = undefined for this group (e.g. recall w/o positives)
+    pa.field("ci_low", pa.float64()),  # percentile bootstrap interval; null without bootstrap
+    pa.field("ci_high", pa.float64()),
+    pa.field("n", pa.int64(), nullable=False),  # test rows in the group (all rows of the grouping for gaps)
+])
+
+PREDICTIONS_SCHEMA = pa.schema([
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("sampling", pa.string(), nullable=False),
+    pa.field("trained_on", pa.string(), nullable=False),  # the model that scored the row
+    pa.field("score", pa.float64(), nullable=False),  # predict_proba of the positive class
+    pa.field("label", pa.bool_(), nullable=False),  # score >= the model's val-tuned threshold
+    pa.field("split", pa.string(), nullable=False),  # always "test"
+])
+
+
+def plan(cfg: Config, inputs: Inputs) -> tuple[list[FitSpec], list[dict]]:
+    """Every fit to make, and the combinations left out with the reason."""
+    c = cfg.classify
+    clusters = sorted(int(k) for k in np.unique(inputs.cluster[inputs.cluster >= 0]))
+    specs: list[FitSpec] = []
+    skipped: list[dict] = []
+    for model in c.models:
+        for sampling in c.samplings:
+            if sampling in ("cluster", "cluster_class") and not clusters:
+                skipped.append({"model": model, "sampling": sampling, "trained_on": "global",
+                                "reason": "no clusters (clusters/primary missing or empty)"})
+            else:
+                specs.append(FitSpec(model, sampling, "global"))
+            if not c.per_cluster:
+                continue
+            if not clusters:
+                skipped.append({"model": model, "sampling": sampling, "trained_on": "cluster_*",
+                                "reason": "no clusters (clusters/primary missing or empty)"})
+            elif sampling not in PER_CLUSTER_SAMPLINGS:
+                skipped.append({"model": model, "sampling": sampling, "trained_on": "cluster_*",
+                                "reason": "inside one cluster this sampling equals "
+                                          f"{'none' if sampling == 'cluster' else 'class'}"})
+            else:
+                specs += [FitSpec(model, sampling, f"cluster_{k}", k) for k in clusters]
+    return specs, skipped
+
+
+def _eval_data(cfg: Config, inputs: Inputs) -> dict:
+    """Test-split arrays every evaluation shares (one ray.put), with the bootstrap weights."""
+    test = np.flatnonzero(inputs.split == SPLIT_CODES["test"])
+    groupings = {}
+    if inputs.has_clusters:
+        cl = inputs.cluster[test]
+        groupings["cluster"] = np.array([str(k) if k >= 0 else None for k in cl], dtype=object)
+    for name, labels in inputs.sensitive.items():
+        groupings[name] = labels[test]
+    rng = np.random.default_rng(derive_seed(cfg.run.seed, "classify", "bootstrap"))
+    return {"test": test, "y": inputs.y[test], "groupings": groupings,
+            "weights": bootstrap_weights(len(test), cfg.classify.bootstrap, rng),
+            "ci_level": cfg.classify.ci_level}
+
+
+def _evaluations(results: list[FitResult]) -> list[dict]:
+    """One evaluation per model × sampling for the global fit and for the per-cluster fits
+    stitched together (each test row scored by the model of its own cluster)."""
+    out: dict[tuple, dict] = {}
+    for r in results:
+        if r.status != "ok":
+            continue
+        trained_on = "global" if r.spec.cluster is None else "per_cluster"
+        e = out.setdefault((r.spec.model, r.spec.sampling, trained_on),
+                           {"model": r.spec.model, "sampling": r.spec.sampling,
+                            "trained_on": trained_on, "index": [], "score": [], "label": []})
+        e["index"].append(r.test_index)
+        e["score"].append(r.test_score)
+        e["label"].append(r.test_score >= r.threshold)
+    evals = []
+    for e in out.values():
+        order = np.argsort(np.concatenate(e["index"]), kind="stable")
+        for k in ("index", "score", "label"):
+            e[k] = np.concatenate(e[k])[order]
+        evals.append(e)
+    return evals
+
+
+def evaluate_one(ev: dict, e: dict) -> list[dict]:
+    """Metric rows of one evaluation ``e`` on the shared test arrays ``ev``."""
+    pos = np.searchsorted(ev["test"], e["index"])  # positions within the test split
+    rows = evaluate(ev["y"][pos], e["score"], e["label"],
+                    {g: lab[pos] for g, lab in ev["groupings"].items()},
+                    ev["weights"][pos], ev["ci_level"])
+    head = {"model": e["model"], "sampling": e["sampling"], "trained_on": e["trained_on"]}
+    return [{**head, **r} for r in rows]
+
+
+def execute(cfg: Config, inputs: Inputs, specs: list[FitSpec], out_root: str,
+            mode: str = "ray") -> tuple[list[FitResult], list[dict], dict]:
+    """Run every fit then every evaluation; ``mode`` "ray" (one task each, shared data put in
+    the object store once) or "sequential" (the same functions in this process, the baseline).
+    Returns (fit results, metric rows, timings in seconds)."""
+    t0 = time.perf_counter()
+    ev = _eval_data(cfg, inputs)
+    if mode == "ray":
+        import ray
+
+        opts = {"num_cpus": cfg.classify.cpus_per_task}
+        fit_task = ray.remote(fit_one).options(**opts)
+        data_ref = ray.put(inputs.arrays())
+        results = ray.get([fit_task.remote(data_ref, s, cfg, out_root) for s in specs])
+        t1 = time.perf_counter()
+        ev_ref = ray.put(ev)
+        eval_task = ray.remote(evaluate_one).options(**opts)
+        parts = ray.get([eval_task.remote(ev_ref, e) for e in _evaluations(results)])
+    elif mode == "sequential":
+        data = inputs.arrays()
+        results = [fit_one(data, s, cfg, out_root) for s in specs]
+        t1 = time.perf_counter()
+        parts = [evaluate_one(ev, e) for e in _evaluations(results)]
+    else:
+        raise ValueError(f"mode must be 'ray' or 'sequential', got {mode!r}")
+    t2 = time.perf_counter()
+    rows = [r for p in parts for r in p]
+    return results, rows, {"fit_s": t1 - t0, "evaluate_s": t2 - t1, "total_s": t2 - t0}
+
+
+def _models_table(cfg: Config, results: list[FitResult]) -> pa.Table:
+    ok = [r for r in results if r.status == "ok"]
+    return pa.Table.from_pylist([{
+        "model": r.spec.model, "sampling": r.spec.sampling, "trained_on": r.spec.trained_on,
+        "cluster": r.spec.cluster, "path": r.path, "features": r.features,
+        "n_train": r.n_train, "target": cfg.classify.target, "threshold": r.threshold,
+        "n_train_positive": r.n_train_positive} for r in ok], schema=MODELS_SCHEMA)
+
+
+def _predictions_table(inputs: Inputs, results: list[FitResult]) -> pa.Table:
+    parts = []
+    for r in results:
+        if r.status != "ok" or not len(r.test_index):
+            continue
+        n = len(r.test_index)
+        parts.append(pa.table({
+            "image_id": inputs.image_id[r.test_index].astype(str),
+            "model": [r.spec.model] * n, "sampling": [r.spec.sampling] * n,
+            "trained_on": [r.spec.trained_on] * n, "score": r.test_score,
+            "label": r.test_score >= r.threshold, "split": ["test"] * n},
+            schema=PREDICTIONS_SCHEMA))
+    return pa.concat_tables(parts) if parts else PREDICTIONS_SCHEMA.empty_table()
+
+
+def _metrics_table(rows: list[dict]) -> pa.Table:
+    cols = {f.name: [r[f.name] for r in rows] for f in METRICS_SCHEMA}
+    for k in ("value", "ci_low", "ci_high"):  # NaN (undefined) is written as null
+        cols[k] = pa.array(np.asarray(cols[k], dtype=np.float64), pa.float64(),
+                           from_pandas=True) if rows else []
+    return pa.table(cols, schema=METRICS_SCHEMA)
+
+
+def _remove_stale_models(cfg: Config, keep: set[str]) -> int:
+    loc = tables.location(cfg, "classifiers/models")
+    removed = 0
+    for info in storage.list_files(loc, recursive=False):
+        if info.path.endswith(".skops") and info.path.rsplit("/", 1)[-1] not in keep:
+            loc.fs.delete_file(info.path)
+            removed += 1
+    return removed
+
+
+def _r(v: float) -> float | None:
+    return None if v is None or not np.isfinite(v) else round(float(v), 4)
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per evaluation: overall accuracy (with interval), accuracy per cluster, and the gaps."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        key = f"{r['model']}/{r['sampling']}/{r['trained_on']}"
+        s = out.setdefault(key, {})
+        if r["metric"] == "accuracy" and r["group_by"] == "overall":
+            s["accuracy"] = _r(r["value"])
+            s["accuracy_ci"] = [_r(r["ci_low"]), _r(r["ci_high"])]
+        elif r["metric"] == "accuracy" and r["group_by"] == "cluster":
+            s.setdefault("accuracy_by_cluster", {})[r["group"]] = _r(r["value"])
+        elif r["metric"] in ("accuracy_gap_difference", "equalized_odds_difference"):
+            s[f"{r['metric']}[{r['group_by']}]"] = _r(r["value"])
+    return out
+
+
+def run(cfg: Config) -> dict:
+    """Fit, evaluate and save the classifiers for ``classify.target``; returns row counts,
+    what was skipped and why, timings and a per-cluster accuracy summary."""
+    from pipeline.run import StageSkipped
+
+    c = cfg.classify
+    unknown = sorted(set(c.params) - set(MODEL_NAMES))
+    if unknown:
+        raise ValueError(f"classify.params has unknown model names {unknown}; models are "
+                         f"{list(MODEL_NAMES)}")
+    for m in c.models:  # bad hyper-parameters fail here, before any data is read
+        build_estimator(m, c.params.get(m, {}), 0)
+    try:
+        inputs = load_inputs(cfg)
+    except NoTarget as why:
+        raise StageSkipped(str(why)) from None
+    tables.clear_errors(cfg, "classify")
+    if inputs.errors:
+        tables.write_errors(cfg, "classify", inputs.errors)
+        log.warning("classify: %d images unusable (see errors/classify.parquet)",
+                    len(inputs.errors))
+    for split, code in SPLIT_CODES.items():
+        if not (inputs.split == code).any():
+            raise ValueError(f"classify needs train, val and test rows; the {split} split is "
+                             "empty (check the manifest's split column)")
+    specs, skipped = plan(cfg, inputs)
+    if not specs:
+        raise StageSkipped("nothing to fit: " + "; ".join(s["reason"] for s in skipped))
+    log.info("classify: %d rows, %d features, %d fits", len(inputs.y),
+             len(inputs.feature_names), len(specs))
+    ds = inputs.table()
+    tables.replace(cfg, "classifiers/dataset", ds, schema=ds.schema,
+                   metadata={"target": c.target, "feature_sources": ",".join(c.features)})
+    results, rows, timing = execute(cfg, inputs, specs, cfg.output.root, mode="ray")
+    for r in results:
+        if r.status != "ok":
+            skipped.append({"model": r.spec.model, "sampling": r.spec.sampling,
+                            "trained_on": r.spec.trained_on, "reason": r.reason})
+            log.warning("classify: %s skipped: %s", r.spec.key, r.reason)
+    models = _models_table(cfg, results)
+    preds = _predictions_table(inputs, results)
+    metrics = _metrics_table(rows)
+    tables.replace(cfg, "classifiers/models", models, schema=MODELS_SCHEMA)
+    tables.replace(cfg, "classifiers/predictions", preds, schema=PREDICTIONS_SCHEMA)
+    tables.replace(cfg, "classifiers/metrics", metrics, schema=METRICS_SCHEMA)
+    stale = _remove_stale_models(cfg, {p.rsplit("/", 1)[-1] for p in models.column("path").to_pylist()})
+    return {
+        "rows": len(inputs.y), "errors": len(inputs.errors),
+        "features": list(inputs.feature_names),
+        "fits": len(specs), "models": models.num_rows, "metrics_rows": metrics.num_rows,
+        "predictions_rows": preds.num_rows, "stale_models_removed": stale,
+        "skipped": skipped, "notes": inputs.notes,
+        "selected_features": {r.spec.key: r.features for r in results
+                              if r.status == "ok" and c.feature_selection != "none"},
+        "thresholds": {r.spec.key: [_r(r.threshold), r.threshold_note]
+                       for r in results if r.status == "ok"},
+        "timing_s": {k: round(v, 2) for k, v in timing.items()},
+        "summary": summarize(rows),
+    }
