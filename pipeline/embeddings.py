@@ -51,9 +51,11 @@ class EmbeddingModel:
     version: str  # what produced the weights (torchvision version, file hash ...)
 
 
-def _spec_tag(spec: str, storage_cfg: StorageConfig | None) -> str:
+def _spec_tag(spec: str, storage_cfg: StorageConfig | None, seed: int) -> str:
     """A short version tag for a weights spec: the spec itself, plus a hash for files."""
-    if spec in ("none", "imagenet", *_FACENET_FILES):
+    if spec == "none":
+        return f"none(seed={seed})"
+    if spec in ("imagenet", *_FACENET_FILES):
         return spec
     from pipeline import storage
 
@@ -61,11 +63,19 @@ def _spec_tag(spec: str, storage_cfg: StorageConfig | None) -> str:
     return f"sha256:{hashlib.sha256(data).hexdigest()[:16]}"
 
 
-def _resnet50(weights: str, storage_cfg: StorageConfig | None) -> EmbeddingModel:
+def _seeded(factory, seed: int) -> nn.Module:
+    """Build a module with a fixed torch seed: "none" weights must be the same random network in
+    every actor and on every rerun, or embeddings from two actors would not be comparable."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return factory()
+
+
+def _resnet50(weights: str, storage_cfg: StorageConfig | None, seed: int) -> EmbeddingModel:
     import torchvision
     from torchvision.models import ResNet50_Weights, resnet50
 
-    model = resnet50(weights=None)
+    model = _seeded(lambda: resnet50(weights=None), seed)
     model.fc = nn.Identity()  # keep the 2048-d pooled features, drop the ImageNet classifier
     if weights != "none":
         state = (_imagenet_state_dict(ResNet50_Weights.IMAGENET1K_V2) if weights == "imagenet"
@@ -74,10 +84,10 @@ def _resnet50(weights: str, storage_cfg: StorageConfig | None) -> EmbeddingModel
         _apply(model, state, weights, ignore=("fc.",))
     model.eval()
     return EmbeddingModel("resnet50", model, 2048, IMAGENET_MEAN, IMAGENET_STD, weights,
-                          f"torchvision-{torchvision.__version__}/{_spec_tag(weights, storage_cfg)}")
+                          f"torchvision-{torchvision.__version__}/{_spec_tag(weights, storage_cfg, seed)}")
 
 
-def _facenet(weights: str, storage_cfg: StorageConfig | None) -> EmbeddingModel:
+def _facenet(weights: str, storage_cfg: StorageConfig | None, seed: int) -> EmbeddingModel:
     try:
         import facenet_pytorch
         from facenet_pytorch import InceptionResnetV1
@@ -89,7 +99,7 @@ def _facenet(weights: str, storage_cfg: StorageConfig | None) -> EmbeddingModel:
     if weights == "imagenet":
         raise WeightsError('facenet has no "imagenet" weights; use "vggface2" or "casia-webface" '
                            '(from the torch cache), "none" or a path / s3:// URI of a state dict')
-    model = InceptionResnetV1(pretrained=None, classify=False)
+    model = _seeded(lambda: InceptionResnetV1(pretrained=None, classify=False), seed)
     if weights in _FACENET_FILES:
         path = os.path.join(torch.hub.get_dir(), "checkpoints", _FACENET_FILES[weights])
         if not os.path.exists(path):
@@ -105,20 +115,21 @@ def _facenet(weights: str, storage_cfg: StorageConfig | None) -> EmbeddingModel:
     model.eval()
     return EmbeddingModel("facenet", model, 512, _FACENET_MEAN, _FACENET_STD, weights,
                           f"facenet-pytorch-{getattr(facenet_pytorch, '__version__', '?')}/"
-                          f"{_spec_tag(weights, storage_cfg)}")
+                          f"{_spec_tag(weights, storage_cfg, seed)}")
 
 
 def build_embedding(name: str, weights: str = "none", storage_cfg: StorageConfig | None = None,
-                    attribute_info=None) -> EmbeddingModel:
+                    attribute_info=None, seed: int = 0) -> EmbeddingModel:
     """The embedding backbone ``name`` with ``weights`` (see the module docstring).
 
     ``attribute_info`` (the trained model's :class:`~pipeline.models.AttributeModelInfo`) is
     needed for ``attribute_backbone``, whose features and normalisation are the attribute model's.
+    ``seed`` fixes the random initialisation of ``"none"`` weights (derive it from run.seed).
     """
     if name == "resnet50":
-        return _resnet50(weights, storage_cfg)
+        return _resnet50(weights, storage_cfg, seed)
     if name == "facenet":
-        return _facenet(weights, storage_cfg)
+        return _facenet(weights, storage_cfg, seed)
     if name == "attribute_backbone":
         if attribute_info is None:
             raise ValueError("attribute_backbone needs the trained attribute model's info")

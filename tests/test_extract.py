@@ -1,0 +1,261 @@
+"""The extract stage on a tiny generated dataset: real Ray Data pipeline, random-init models."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import extract, storage, tables
+from pipeline.config import CELEBA_ATTRIBUTES
+from pipeline.models import (AttributeModelInfo, WeightsError, build_attribute_model,
+                             export_attribute_model)
+from pipeline.schemas import manifest_schema
+from tests.helpers import tiny_config, write_tiny_manifest
+
+
+def export_random_attribute_model(cfg, image_size: int = 32, seed: int = 0) -> None:
+    """What the train stage would export, with random weights (tests must not depend on train)."""
+    torch.manual_seed(seed)
+    model = build_attribute_model(len(CELEBA_ATTRIBUTES))
+    info = AttributeModelInfo(arch="mobilenet_v2", attributes=list(CELEBA_ATTRIBUTES),
+                              image_size=image_size, version="test-random")
+    export_attribute_model(model, info, tables.location(cfg, "models/attributes"))
+
+
+def small_cfg(tmp_path: Path, *overrides: str):
+    # 4-row shards so that a 20-image run has several shards to resume between
+    return tiny_config(tmp_path, "extract.rows_per_file=4", "extract.batch_size=8", *overrides)
+
+
+def read_features(cfg) -> pa.Table:
+    return tables.read(cfg, "features").sort_by("image_id")
+
+
+def test_features_table_schema_rows_and_readers(tmp_path, ray_session):
+    cfg = small_cfg(tmp_path)
+    manifest = write_tiny_manifest(cfg, n=10)
+    export_random_attribute_model(cfg)
+    result = extract.run(cfg)
+    assert result["images"] == 10 and result["features_rows"] == 10 and result["error_rows"] == 0
+    assert result["shards"] == 3 and result["shards_resumed"] == 0
+
+    feats = read_features(cfg)
+    expected_schema = extract.features_schema(list(CELEBA_ATTRIBUTES), 2048)
+    assert feats.schema.remove_metadata().equals(expected_schema)
+    assert feats["image_id"].to_pylist() == sorted(manifest["image_id"].to_pylist())
+    probs = np.stack([feats[f"p_{a}"].to_numpy() for a in CELEBA_ATTRIBUTES], 1)
+    assert probs.dtype == np.float32 and ((probs > 0) & (probs < 1)).all()
+    emb = np.stack(feats["embedding"].to_numpy(zero_copy_only=False))
+    assert emb.shape == (10, 2048) and np.isfinite(emb).all()
+    # different images give different embeddings (not a constant placeholder)
+    assert np.unique(emb.round(5), axis=0).shape[0] == 10
+
+    files = storage.parquet_files(tables.location(cfg, "features"))
+    assert [f.rsplit("/", 1)[-1] for f in files] == [f"part-{i:05d}.parquet" for i in range(3)]
+    meta = pq.read_schema(files[0]).metadata
+    assert meta[b"faceaudit.embedding_model"] == b"resnet50"
+    assert meta[b"faceaudit.attribute_model"] == b"mobilenet_v2"
+    assert meta[b"faceaudit.attribute_model_version"] == b"test-random"
+    assert meta[b"faceaudit.embedding_dim"] == b"2048"
+
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    folder = tables.location(cfg, "features").path
+    con = duckdb.connect()
+    n, dim, lo = con.execute(
+        f"select count(*), max(len(embedding)), min(p_Male) from read_parquet('{folder}/*.parquet')"
+    ).fetchone()
+    assert (n, dim) == (10, 2048) and 0 < lo < 1
+    df = pl.read_parquet(folder)
+    assert df.height == 10 and df.schema["embedding"] == pl.Array(pl.Float32, 2048)
+    assert df.schema["p_Young"] == pl.Float32
+    pdf = pd.read_parquet(folder)
+    assert len(pdf) == 10 and len(pdf["embedding"].iloc[0]) == 2048
+    # the fixed_size_list is stored as a standard Parquet LIST of FLOAT: what Spark reads as
+    # array<float> (Spark is not installed here to read it directly)
+    pschema = pq.ParquetFile(files[0]).schema
+    emb_col = [c for c in pschema if c.path.startswith("embedding.")][0]
+    assert emb_col.physical_type == "FLOAT" and emb_col.max_repetition_level == 1
+    assert pschema.column(len(CELEBA_ATTRIBUTES) + 1).path == "embedding.list.element"
+
+
+def _jpeg(arr: np.ndarray, mode: str | None = None, **kw) -> bytes:
+    buf = io.BytesIO()
+    im = Image.fromarray(arr)
+    if mode:
+        im = im.convert(mode)
+    im.save(buf, format=kw.pop("format", "JPEG"), **kw)
+    return buf.getvalue()
+
+
+def test_bad_images_are_converted_or_recorded(tmp_path, ray_session):
+    cfg = small_cfg(tmp_path)
+    manifest = write_tiny_manifest(cfg, n=4)
+    export_random_attribute_model(cfg)
+    img_dir = Path(cfg.data.root) / "img"
+    rng = np.random.default_rng(1)
+    face = rng.integers(0, 255, (218, 178, 3), dtype=np.uint8)
+    good_jpeg = _jpeg(face)
+    files = {
+        "gray.jpg": _jpeg(face[..., 0]),  # grayscale (L) JPEG
+        "cmyk.jpg": _jpeg(face, mode="CMYK"),  # CMYK JPEG
+        "png_named.jpg": _jpeg(face, format="PNG"),  # a PNG with a .jpg name
+        "rgba_png.jpg": _jpeg(np.dstack([face[::-1], face[..., :1]]), format="PNG"),
+        "odd_size.jpg": _jpeg(rng.integers(0, 255, (40, 500, 3), dtype=np.uint8)),
+        "truncated.jpg": good_jpeg[: len(good_jpeg) // 2],
+        "zero.jpg": b"",
+        "garbage.jpg": b"this is not an image at all" * 10,
+        "tiny.jpg": _jpeg(face[:8, :8]),
+    }
+    for name, data in files.items():
+        (img_dir / name).write_bytes(data)
+    names = list(files) + ["missing.jpg"]  # listed in the manifest, absent on disk
+    extra = pa.Table.from_pylist(
+        [{"image_id": n, "uri": str(img_dir / n), "split": "test", "dataset": "celeba"}
+         for n in names], schema=manifest_schema())
+    full = pa.concat_tables([manifest, extra])
+    tables.replace(cfg, "manifest", full, schema=manifest_schema())
+
+    result = extract.run(cfg)
+    feats = read_features(cfg)
+    errs = tables.read_errors(cfg, "extract")
+    reasons = dict(zip(errs["image_id"].to_pylist(), errs["reason"].to_pylist()))
+    ok = set(feats["image_id"].to_pylist())
+    assert {"gray.jpg", "cmyk.jpg", "png_named.jpg", "rgba_png.jpg", "odd_size.jpg"} <= ok
+    assert set(manifest["image_id"].to_pylist()) <= ok
+    assert set(reasons) == {"truncated.jpg", "zero.jpg", "garbage.jpg", "tiny.jpg", "missing.jpg"}
+    assert "truncated" in reasons["truncated.jpg"]
+    assert reasons["zero.jpg"] == "empty file (0 bytes)"
+    assert "not an image" in reasons["garbage.jpg"]
+    assert "too small: 8x8" in reasons["tiny.jpg"]
+    assert reasons["missing.jpg"] == "missing file"
+    assert set(errs["stage"].to_pylist()) == {"extract"}
+    assert errs["uri"].to_pylist()[0].startswith(str(img_dir))
+    assert feats.num_rows + errs.num_rows == full.num_rows == result["images"]
+    assert not ok & set(reasons)
+    # converted images hold real features, not placeholders
+    emb = np.stack(feats["embedding"].to_numpy(zero_copy_only=False))
+    assert np.isfinite(emb).all() and np.unique(emb.round(5), axis=0).shape[0] == feats.num_rows
+
+
+def test_decode_image_conversions():
+    rng = np.random.default_rng(2)
+    face = rng.integers(0, 255, (218, 178, 3), dtype=np.uint8)
+    for data in (_jpeg(face[..., 0]), _jpeg(face, mode="CMYK"), _jpeg(face, format="PNG")):
+        a, b = extract.decode_image(data, (32, 64))
+        assert a.shape == (32, 32, 3) and b.shape == (64, 64, 3) and a.dtype == np.uint8
+    # grayscale becomes three equal channels
+    g = extract.decode_image(_jpeg(face[..., 0]), (32,))[0]
+    assert (g[..., 0] == g[..., 1]).all() and (g[..., 1] == g[..., 2]).all()
+    # 16-bit grayscale PNG is scaled to 8 bits, not clipped to white
+    buf = io.BytesIO()
+    Image.fromarray((face[..., 0].astype(np.uint16) * 200)).save(buf, format="PNG")
+    g16 = extract.decode_image(buf.getvalue(), (32,))[0]
+    assert 0 < g16.mean() < 250
+    with pytest.raises(extract.BadImage, match="0 bytes"):
+        extract.decode_image(b"", (32,))
+
+
+def _equal_tables(a: pa.Table, b: pa.Table) -> None:
+    assert a["image_id"].to_pylist() == b["image_id"].to_pylist()
+    for name in a.column_names[1:-1]:
+        np.testing.assert_allclose(a[name].to_numpy(), b[name].to_numpy(), rtol=1e-4, atol=1e-5)
+    ea = np.stack(a["embedding"].to_numpy(zero_copy_only=False))
+    eb = np.stack(b["embedding"].to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(ea, eb, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, ray_session, monkeypatch):
+    # uninterrupted reference run
+    ref = small_cfg(tmp_path / "ref")
+    write_tiny_manifest(ref, n=20)
+    export_random_attribute_model(ref)
+    (Path(ref.data.root) / "img" / "000007.jpg").write_bytes(b"")  # one error row, too
+    extract.run(ref)
+    ref_feats, ref_errs = read_features(ref), tables.read_errors(ref, "extract")
+
+    cfg = small_cfg(tmp_path / "cut")
+    write_tiny_manifest(cfg, n=20)
+    export_random_attribute_model(cfg)
+    (Path(cfg.data.root) / "img" / "000007.jpg").write_bytes(b"")
+
+    # "kill" the run after two shards were committed: the third commit raises
+    real_commit = extract._commit_shard
+    calls = {"n": 0}
+
+    def dying_commit(*args, **kwargs):
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated kill")
+        calls["n"] += 1
+        return real_commit(*args, **kwargs)
+
+    monkeypatch.setattr(extract, "_commit_shard", dying_commit)
+    with pytest.raises(KeyboardInterrupt):
+        extract.run(cfg)
+    monkeypatch.setattr(extract, "_commit_shard", real_commit)
+    parts = storage.parquet_files(tables.location(cfg, "features"))
+    assert len(parts) == 2  # whole shards only, nothing half-written
+
+    # also lose one committed shard's file, as if the kill came between its two writes
+    storage.delete(storage.filesystem(parts[0]))
+    resumed = extract.run(cfg)
+    assert resumed["shards"] == 5 and resumed["shards_resumed"] == 1
+    assert resumed["features_rows_new"] + resumed["error_rows_new"] == 16
+    _equal_tables(read_features(cfg), ref_feats)
+    errs = tables.read_errors(cfg, "extract")
+    assert errs["image_id"].to_pylist() == ref_errs["image_id"].to_pylist() == ["000007.jpg"]
+    assert not [i for i in storage.list_files(tables.location(cfg, "features"))
+                if i.base_name.startswith(".")]
+
+    # a rerun of a finished extract (a forced rerun) starts clean and gives the same table
+    again = extract.run(cfg)
+    assert again["shards_resumed"] == 0 and again["features_rows"] == 19
+    _equal_tables(read_features(cfg), ref_feats)
+    assert tables.read_errors(cfg, "extract").num_rows == 1
+
+
+def test_changed_settings_start_clean_and_attribute_backbone(tmp_path, ray_session):
+    cfg = small_cfg(tmp_path)
+    write_tiny_manifest(cfg, n=6)
+    export_random_attribute_model(cfg)
+    extract.run(cfg)
+    # switch to the attribute model's own pooled features: new dim, nothing reused
+    cfg2 = small_cfg(tmp_path, "extract.embedding=attribute_backbone")
+    result = extract.run(cfg2)
+    assert result["shards_resumed"] == 0 and result["embedding_dim"] == 1280
+    feats = read_features(cfg2)
+    assert feats.schema.field("embedding").type == pa.list_(pa.float32(), 1280)
+    assert feats.num_rows == 6
+
+
+def test_clear_errors_for_missing_inputs(tmp_path, ray_session):
+    cfg = small_cfg(tmp_path)
+    with pytest.raises(storage.StorageError, match="run the ingest stage"):
+        extract.run(cfg)
+    write_tiny_manifest(cfg, n=2)
+    with pytest.raises(WeightsError, match="train_attributes"):
+        extract.run(cfg)
+    export_random_attribute_model(cfg)
+    bad = small_cfg(tmp_path, f"extract.embedding_weights={tmp_path / 'nope.pt'}")
+    with pytest.raises(WeightsError, match="does not exist"):
+        extract.run(bad)
+    face = small_cfg(tmp_path, "extract.embedding=facenet")
+    # facenet-pytorch is not a dependency: its absence must be a clear error
+    try:
+        import facenet_pytorch  # noqa: F401
+    except ImportError:
+        with pytest.raises(WeightsError, match="facenet-pytorch"):
+            extract.run(face)
+    hog = small_cfg(tmp_path, "extract.cpus_per_actor=2")
+    with pytest.raises(ValueError, match="needs 2.5 CPUs"):
+        extract.run(hog)
