@@ -493,7 +493,8 @@ def _comparison_rows(units: list[_Unit], top_k: int) -> list[dict]:
 def _most_different(comparison: list[dict]) -> dict[str, list[dict]]:
     """Per model/sampling: clusters ordered from most to least different from the global model:
     each cluster model against the global model where there are cluster models, else the global
-    model on the cluster against the global model on all rows. Order: top-k overlap, then tau."""
+    model on the cluster against the global model on all rows. Order: Kendall's tau (the whole
+    ranking; an undefined tau counts as -1), then top-k overlap."""
     out: dict[str, list[dict]] = {}
     for kind in ("cluster_model_vs_global", "global_model_cluster_vs_all"):
         found: dict[str, list[dict]] = {}
@@ -505,8 +506,8 @@ def _most_different(comparison: list[dict]) -> dict[str, list[dict]]:
                     "kendall_tau": r["kendall_tau"], "top_k_overlap": r["top_k_overlap"]})
         out.update(found)
     for rows in out.values():
-        rows.sort(key=lambda d: (d["top_k_overlap"],
-                                 d["kendall_tau"] if d["kendall_tau"] is not None else -2.0))
+        rows.sort(key=lambda d: (d["kendall_tau"] if d["kendall_tau"] is not None else -1.0,
+                                 d["top_k_overlap"]))
     return out
 
 
@@ -636,6 +637,13 @@ def _existing_keys(cfg: Config) -> dict[str, tuple[str, str]]:
     return out
 
 
+def _read_part(path: str, fs) -> pa.Table:
+    try:
+        return pq.read_table(path, filesystem=fs)
+    except (OSError, pa.ArrowException) as exc:
+        raise storage.StorageError(storage.describe_error(path, exc)) from None
+
+
 def _content_key(model_digest: str, kind: dict, background: np.ndarray, X: np.ndarray,
                  schema: pa.Schema) -> str:
     import shap
@@ -714,7 +722,7 @@ def run(cfg: Config) -> dict:
             key = _content_key(digest, kind, background, X[idx], schema)
             blocks_total += 1
             if part in existing and existing[part][1] == key:
-                t = storage.read_table(tables.location(cfg, VALUES).join(f"{part}.parquet"))
+                t = _read_part(existing[part][0], tables.location(cfg, VALUES).fs)
                 vals = np.column_stack([t[f].to_numpy(zero_copy_only=False) for f in cols])
                 unit.add(vals, X[idx], [clusters_py[i] for i in idx],
                          float(t["base_value"][0].as_py()), ec.plot_rows)
