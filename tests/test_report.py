@@ -1,0 +1,223 @@
+"""The report: builds from the tables of a tiny run, shows every section, references only images
+that exist, says "not run" for stages that have not run, and renders in a headless browser."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pipeline.report as report
+from pipeline import storage, tables
+from tests.helpers import tiny_config
+from tests.report_tables import SPACES, write_run
+
+SECTION_IDS = ("data", "attribute-model", "clusters", "bias", "classifiers", "explanations", "run")
+
+
+class _Page(HTMLParser):
+    """Collects section ids, image sources, and the text of "not run" / warning notes."""
+
+    def __init__(self):
+        super().__init__()
+        self.sections, self.images, self.notes = [], [], []
+        self._in_note = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "section":
+            self.sections.append(a.get("id"))
+        elif tag == "img":
+            self.images.append(a.get("src"))
+        elif tag == "p" and "note" in (a.get("class") or ""):
+            self._in_note = [a["class"], ""]
+
+    def handle_data(self, data):
+        if self._in_note is not None:
+            self._in_note[1] += data
+
+    def handle_endtag(self, tag):
+        if tag == "p" and self._in_note is not None:
+            self.notes.append(tuple(self._in_note))
+            self._in_note = None
+
+
+def _parse(index: Path) -> _Page:
+    page = _Page()
+    page.feed(index.read_text(encoding="utf-8"))
+    return page
+
+
+def _check_images(index: Path, page: _Page) -> None:
+    from PIL import Image
+
+    assert page.images, "the page references no image"
+    for src in page.images:
+        assert not src.startswith(("http:", "https:", "//")), f"external resource {src}"
+        path = index.parent / src
+        assert path.is_file(), f"the page references {src}, which does not exist"
+        with Image.open(path) as im:
+            im.verify()  # a real, complete PNG
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """Every stage's tables (synthetic, in the stages' schemas) and the report built from them."""
+    tmp = tmp_path_factory.mktemp("report_full")
+    cfg = tiny_config(tmp, "report.dpi=60", "report.mean_face_images=20",
+                      "cluster.spaces=[\"annotations\", \"semantic\"]")
+    write_run(cfg)
+    result = report.run(cfg)
+    return cfg, result, Path(cfg.output.root) / "report" / "index.html"
+
+
+def test_full_run_shows_every_section_and_no_problem(full_run):
+    cfg, result, index = full_run
+    assert result["report"] == str(index) and index.is_file()
+    assert result["problems"] == [], result["problems"]
+    assert result["not_run"] == []
+    page = _parse(index)
+    assert tuple(page.sections) == SECTION_IDS
+    assert not [n for n in page.notes if "notrun" in n[0] or "warn" in n[0]], page.notes
+    _check_images(index, page)
+    html = index.read_text()
+    for space in SPACES:  # every space gets its sweep, map, mean faces, sample grid ...
+        for part in ("sweep", "map", "lift", "occurrence", "mean-faces", "samples", "distances"):
+            assert f"figures/clusters-{space}-{part}.png" in html, (space, part)
+    for needle in ("P(A | B)", "Chi-square", "beeswarm", "Kendall", "majority baseline",
+                   "What undersampling changed", "config.toml"):
+        assert needle in html, needle
+
+
+def test_every_written_figure_is_referenced(full_run):
+    _, result, index = full_run
+    page = _parse(index)
+    on_disk = {f"figures/{p.name}" for p in (index.parent / "figures").iterdir()}
+    assert on_disk == set(page.images)
+    assert result["figures"] == len(on_disk)
+
+
+def test_mean_face_is_the_pixel_average_of_the_cluster_images(tmp_path):
+    from PIL import Image
+
+    from pipeline.report._faces import FACE_WIDTH, FaceReader, mean_face
+
+    cfg = tiny_config(tmp_path)
+    paths = []
+    for i, value in enumerate((0, 100, 200)):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray(np.full((20, 10, 3), value, np.uint8)).save(p)
+        paths.append(str(p))
+    import pandas as pd
+
+    reader = FaceReader(report._context.Context(cfg))
+    faces = reader.load(pd.DataFrame({"image_id": ["a", "b", "c", "missing"],
+                                      "uri": paths + [str(tmp_path / "nope.png")]}))
+    assert len(faces) == 3 and faces[0].shape == (2 * FACE_WIDTH, FACE_WIDTH, 3)
+    assert np.allclose(mean_face(faces), 100 / 255, atol=1e-6)
+    assert [f["image_id"] for f in reader.failed] == ["missing"]  # recorded, not dropped silently
+
+
+def test_missing_stages_give_not_run_notes(tmp_path):
+    cfg = tiny_config(tmp_path, "report.dpi=60")
+    write_run(cfg, stages=("ingest",))  # manifest + errors only
+    result = report.run(cfg)
+    index = Path(result["report"])
+    page = _parse(index)
+    assert tuple(page.sections) == SECTION_IDS
+    assert result["problems"] == []
+    for name in ("models/attributes/metrics", "clusters", "clusters/demographics",
+                 "classifiers/metrics", "shap/importance"):
+        assert name in result["not_run"], name
+    notrun = [text for cls, text in page.notes if "notrun" in cls]
+    for stage in ("train_attributes", "cluster", "classify", "explain"):
+        assert any(stage in t for t in notrun), (stage, notrun)
+    _check_images(index, page)  # the data section still has its figures
+
+
+def test_empty_output_root_still_builds(tmp_path):
+    cfg = tiny_config(tmp_path, "report.dpi=60")
+    result = report.run(cfg)
+    page = _parse(Path(result["report"]))
+    assert tuple(page.sections) == SECTION_IDS
+    assert "manifest" in result["not_run"]
+    assert sum("notrun" in cls for cls, _ in page.notes) >= 6
+
+
+def test_a_table_in_an_unexpected_shape_is_a_visible_warning(tmp_path):
+    import pyarrow as pa
+
+    cfg = tiny_config(tmp_path, "report.dpi=60")
+    write_run(cfg, stages=("ingest",))
+    bad = pa.table({"model": ["rf"], "value": [0.5]})  # lacks sampling, metric, ci_low ...
+    tables.replace(cfg, "classifiers/metrics", bad)
+    result = report.run(cfg)
+    assert any("classifiers/metrics" in p and "ci_low" in p for p in result["problems"])
+    warns = [t for cls, t in _parse(Path(result["report"])).notes if "warn" in cls]
+    assert any("classifiers/metrics" in t for t in warns)
+
+
+def test_rerun_drops_figures_of_tables_that_are_gone(tmp_path):
+    cfg = tiny_config(tmp_path, "report.dpi=60", "report.faces_per_cluster=2",
+                      "report.mean_face_images=4")
+    write_run(cfg, stages=("ingest", "explain"))
+    report.run(cfg)
+    figs = Path(cfg.output.root) / "report" / "figures"
+    assert any(p.name.startswith("shap-") for p in figs.iterdir())
+    storage.delete(tables.location(cfg, "shap"))
+    result = report.run(cfg)
+    assert not any(p.name.startswith("shap-") for p in figs.iterdir())
+    assert "shap/importance" in result["not_run"]
+
+
+@pytest.mark.s3
+def test_report_on_s3(tmp_path, s3_server, s3_bucket):
+    from tests.conftest import s3_overrides
+
+    cfg = tiny_config(tmp_path, f"output.root=s3://{s3_bucket}/run", "report.dpi=60",
+                      "report.faces_per_cluster=2", "report.mean_face_images=4",
+                      *s3_overrides(s3_server))
+    write_run(cfg, stages=("ingest", "cluster"))
+    result = report.run(cfg)
+    assert result["report"] == f"s3://{s3_bucket}/run/report/index.html"
+    assert result["problems"] == []
+    out = tables.root(cfg).join("report")
+    html = storage.read_bytes(out.join("index.html")).decode()
+    page = _Page()
+    page.feed(html)
+    written = {f"figures/{i.path.rsplit('/', 1)[-1]}" for i in storage.list_files(out.join("figures"))}
+    assert page.images and set(page.images) == written
+
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists()
+                                        else None)
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="headless browser check skipped: `chromium` is not "
+                    "installed (apt-get install -y chromium)")
+def test_page_renders_in_headless_chromium(full_run, tmp_path):
+    from PIL import Image
+
+    _, _, index = full_run
+    shot = tmp_path / "page.png"
+    proc = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+         "--no-first-run", "--disable-extensions", "--window-size=1280,4000",
+         f"--screenshot={shot}", index.resolve().as_uri()],
+        capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert shot.is_file(), proc.stderr[-2000:]
+    with Image.open(shot) as im:
+        px = np.asarray(im.convert("RGB"), dtype=np.int16)
+    assert px.shape[0] >= 3000
+    non_white = (px.min(axis=2) < 235).mean()
+    colours = len(np.unique(px.reshape(-1, 3)[::37], axis=0))
+    # A blank or error page is nearly all white with a handful of colours; ours has a dark
+    # header, text, tables and plots.
+    assert non_white > 0.05, f"screenshot looks blank ({non_white:.1%} non-white pixels)"
+    assert colours > 50, f"screenshot looks blank ({colours} distinct colours)"
