@@ -323,3 +323,21 @@ def test_folder_has_no_labels(tmp_path):
     m = _manifest(cfg)
     assert result["rows"] == 6 and "b/same.jpg" in m["image_id"].to_list()
     assert m.columns == manifest_schema([]).names
+
+
+def test_bad_partition_and_identity_lines(celeba):
+    root = Path(celeba.data.root)
+    part = (root / "list_eval_partition.txt").read_text().splitlines()
+    part[1] = "000002.jpg 3"  # not 0/1/2: the image has no split and is left out
+    (root / "list_eval_partition.txt").write_text("\n".join(part) + "\n")
+    ident = (root / "identity_CelebA.txt").read_text().splitlines()
+    ident[2] = "000003.jpg abc"  # identity is optional: the image stays, identity null
+    (root / "identity_CelebA.txt").write_text("\n".join(ident) + "\n")
+    assert ingest.run(celeba)["rows"] == N - 1
+    reasons = _reasons(celeba)
+    assert "list_eval_partition.txt line 2: partition = 3, expected 0, 1 or 2" in reasons
+    assert "no valid row in list_eval_partition.txt (no split)" in reasons
+    assert "identity_CelebA.txt line 3: identity = 'abc', expected an integer" in reasons
+    m = _manifest(celeba)
+    assert "000002.jpg" not in m["image_id"].to_list()
+    assert m.filter(pl.col("image_id") == "000003.jpg")["identity"].item() is None

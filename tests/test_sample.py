@@ -173,3 +173,15 @@ def test_bad_arguments(tmp_path):
         make_sample(str(tmp_path), 2, seed=0, fmt="imagenet")
     with pytest.raises(ValueError, match="n must be"):
         make_sample(str(tmp_path), 0, seed=0)
+
+
+def test_make_sample_job(tmp_path):
+    from typer.testing import CliRunner
+
+    from jobs.make_sample import app
+
+    res = CliRunner().invoke(app, ["--out", str(tmp_path / "s"), "--n", "3", "--seed", "1"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "s" / "img_align_celeba" / "000003.jpg").exists()
+    res = CliRunner().invoke(app, ["--out", str(tmp_path / "t"), "--n", "3", "--format", "png"])
+    assert res.exit_code == 1 and "unknown sample format 'png'" in res.output
