@@ -33,23 +33,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def decode_image(data: bytes, size: int):
-    """The attribute model's input transform, shared by training and extraction so both see the
-    same pixels: decode, convert to RGB, resize to ``size`` x ``size`` (bilinear, no crop).
-
-    Returns a ``uint8`` array of shape (size, size, 3). JPEG ``draft`` mode lets libjpeg decode at
-    a reduced scale (never below ``size``), which makes decoding large photos several times faster.
-    Raises ``OSError``/``ValueError`` (from PIL) for bytes that are not a readable image.
-    """
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        img.draft("RGB", (size, size))
-        rgb = img.convert("RGB").resize((size, size), Image.BILINEAR)
-    return np.asarray(rgb, dtype=np.uint8)
-
-
 def normalize_images(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """``uint8`` NCHW images -> float NCHW, scaled to [0, 1] and normalised per channel."""
     m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)

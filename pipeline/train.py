@@ -190,11 +190,12 @@ def _run(cfg: Config, *, fail_after_epoch: int | None = None) -> dict:
         model = _model_from_state(attributes, best["model"])
 
         # --- thresholds on val (optional), then the test split's metrics ---
-        thresholds = np.full(len(attributes), 0.5)
-        if t.tune_thresholds:
-            y_val, p_val = _predict(cfg, model, splits["val"], attributes, use_gpu, error_log)
-            thresholds = _tune_thresholds(y_val, p_val)
-        y_test, p_test = _predict(cfg, model, splits["test"], attributes, use_gpu, error_log)
+        wanted = ("val", "test") if t.tune_thresholds else ("test",)
+        preds = _predict(cfg, model, {s: splits[s] for s in wanted}, attributes, use_gpu,
+                         error_log)  # one pass (one actor pool start) over val and test
+        thresholds = _tune_thresholds(*preds["val"]) if t.tune_thresholds \
+            else np.full(len(attributes), 0.5)
+        y_test, p_test = preds["test"]
         metrics = _test_metrics(attributes, y_test, p_test, thresholds, train_prev)
         tables.replace(cfg, f"{MODEL_DIR}/metrics", metrics, schema=METRICS_SCHEMA)
         history = pa.Table.from_pylist(latest["history"], schema=HISTORY_SCHEMA)
@@ -351,7 +352,9 @@ def _decode_batch(batch: pa.Table, *, size: int, attributes: list[str], storage_
     """Manifest rows -> decoded images; unusable images go to the error log, not downstream."""
     import ray
 
-    from pipeline.models import decode_image
+    # the extract stage's decoder: the model must see at training time exactly the pixels it
+    # will be given at extraction time (centre square crop, bilinear resize, any mode -> RGB)
+    from pipeline.extract import decode_image
 
     ids = batch["image_id"].to_pylist()
     uris = batch["uri"].to_pylist()
@@ -360,12 +363,12 @@ def _decode_batch(batch: pa.Table, *, size: int, attributes: list[str], storage_
 
     def load(uri: str):
         try:
-            return decode_image(_read_one(uri, storage_cfg), size), None
+            return decode_image(_read_one(uri, storage_cfg), (size,))[0], None
         except Exception as exc:  # noqa: BLE001 -- any unreadable image becomes an error row
-            return None, f"cannot read/decode image: {type(exc).__name__}: {exc}"[:500]
+            return None, f"cannot read/decode image: {exc}"[:500]
 
     # Reading is I/O bound (S3 round trips): overlap requests. Decoding happens in the same
-    # threads; PIL releases the GIL while decoding, so a few threads do not oversubscribe much.
+    # threads; PIL releases the GIL while decoding.
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(pool.map(load, uris))
     keep = [i for i, (img, _) in enumerate(results) if img is not None]
@@ -421,26 +424,34 @@ class _Predictor:
         return {"image_id": batch["image_id"], "labels": batch["labels"], "probs": probs}
 
 
-def _predict(cfg: Config, model, rows: pa.Table, attributes: list[str], use_gpu: bool,
-             error_log) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and probabilities for ``rows`` (unreadable images are skipped and logged)."""
+def _predict(cfg: Config, model, splits: dict[str, pa.Table], attributes: list[str],
+             use_gpu: bool, error_log) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Labels and probabilities per split (unreadable images are skipped and logged)."""
     import ray
     import ray.data
 
+    split_of = {i: s for s, rows in splits.items() for i in rows["image_id"].to_pylist()}
     state_ref = ray.put({k: v.detach().cpu() for k, v in model.state_dict().items()})
-    ds = _image_dataset(cfg, rows, attributes, error_log).map_batches(
-        _Predictor, batch_size=cfg.train.batch_size, batch_format="numpy",
-        fn_constructor_kwargs={"state_ref": [state_ref], "n_attributes": len(attributes),
-                               "use_gpu": use_gpu},
-        compute=ray.data.ActorPoolStrategy(size=1), num_gpus=1 if use_gpu else 0,
-        num_cpus=cfg.train.cpus_per_worker)
-    ys, ps = [], []
+    ds = _image_dataset(cfg, pa.concat_tables(splits.values()), attributes, error_log) \
+        .map_batches(_Predictor, batch_size=cfg.train.batch_size, batch_format="numpy",
+                     fn_constructor_kwargs={"state_ref": [state_ref],
+                                            "n_attributes": len(attributes), "use_gpu": use_gpu},
+                     compute=ray.data.ActorPoolStrategy(size=1),
+                     num_gpus=1 if use_gpu else 0, num_cpus=cfg.train.cpus_per_worker)
+    ys: dict[str, list] = {s: [] for s in splits}
+    ps: dict[str, list] = {s: [] for s in splits}
     for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        ys.append(b["labels"])
-        ps.append(b["probs"])
-    if not ys:
-        raise TrainInputError("no image of the split could be decoded; see errors/")
-    return np.concatenate(ys).astype(bool), np.concatenate(ps)
+        which = np.array([split_of[i] for i in b["image_id"]])
+        for s in splits:
+            ys[s].append(b["labels"][which == s])
+            ps[s].append(b["probs"][which == s])
+    out = {}
+    for s in splits:
+        y = np.concatenate(ys[s]) if ys[s] else np.zeros((0, len(attributes)))
+        if len(y) == 0:
+            raise TrainInputError(f"no image of the {s!r} split could be decoded; see errors/")
+        out[s] = (y.astype(bool), np.concatenate(ps[s]))
+    return out
 
 
 def _tune_thresholds(y: np.ndarray, p: np.ndarray) -> np.ndarray:

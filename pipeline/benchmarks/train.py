@@ -1,0 +1,123 @@
+"""`python -m jobs.benchmark train [--config FILE] [-- --steps N --eval-rows N]`
+
+Training throughput of the train_attributes stage (Ray Train workers fed by Ray Data decode
+tasks) against the plainest PyTorch baseline on the same machine: one process, a
+``torch.utils.data.DataLoader`` with ``num_workers=0`` over the same image files, the same decoder,
+augmentation, model, loss, optimizer and batch size.
+
+Both run ``steps`` optimizer steps from a cold start; images/s counts from asking for the first
+batch to the end of the last step, so each side pays its own data-loading start-up (Ray Data's
+pipeline start, the DataLoader's first reads). The stage's number is the one its history table
+records; its whole wall time (Ray Train start, checkpoint, evaluation) is reported beside it.
+Needs the config's manifest (run ingest first).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import storage, tables, train
+from pipeline.config import Config
+from pipeline.seeds import derive_seed
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: Config, steps: int = 20, eval_rows: int = 64) -> dict:
+    from pipeline.ray_runtime import ensure_ray
+
+    manifest = tables.read(cfg, "manifest")
+    attributes = train._resolve_attributes(cfg, manifest.schema)
+    splits, _ = train._split_rows(manifest, attributes)
+    need = steps * cfg.train.batch_size * cfg.train.num_workers
+    if splits["train"].num_rows < need:
+        raise ValueError(f"the benchmark needs {need} train images ({steps} steps x batch "
+                         f"{cfg.train.batch_size} x {cfg.train.num_workers} worker(s)); the "
+                         f"manifest has {splits['train'].num_rows}: lower --steps")
+    ensure_ray(cfg)
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        stage = _stage(cfg, manifest, steps, eval_rows, tmp)
+    base = _baseline(cfg, splits["train"], attributes, steps)
+    ratio = stage["images_per_s"] / base["images_per_s"]
+    print(f"train: stage {stage['images_per_s']:.1f} img/s ({cfg.train.num_workers} Ray Train "
+          f"worker(s), {cfg.train.cpus_per_worker:g} CPU each) vs plain DataLoader loop "
+          f"{base['images_per_s']:.1f} img/s ({base['torch_threads']} torch threads): "
+          f"ratio {ratio:.2f}", flush=True)
+    return {"steps": steps, "batch_size": cfg.train.batch_size,
+            "image_size": cfg.train.image_size, "stage": stage, "baseline": base,
+            "ratio": round(ratio, 3)}
+
+
+def _stage(cfg: Config, manifest: pa.Table, steps: int, eval_rows: int, tmp: str) -> dict:
+    """One epoch of ``steps`` steps through the real stage, in a scratch output root."""
+    data = cfg.model_dump(mode="json")
+    data["output"]["root"] = tmp
+    data["train"].update(epochs=1, max_steps_per_epoch=steps, tune_thresholds=False)
+    bench_cfg = Config.model_validate(data)
+    # all training rows, but only a few val/test rows: evaluation is not what is measured
+    parts = [manifest.filter(pc.equal(manifest["split"], "train"))]
+    for s in ("val", "test"):
+        parts.append(manifest.filter(pc.equal(manifest["split"], s)).slice(0, eval_rows))
+    tables.replace(bench_cfg, "manifest", pa.concat_tables(parts), schema=manifest.schema)
+    t0 = time.time()
+    result = train.run(bench_cfg)
+    wall = time.time() - t0
+    storage.delete(tables.location(bench_cfg, train.RUNS_DIR))
+    return {"images_per_s": round(result["images_per_s"], 2), "wall_s": round(wall, 2),
+            "num_workers": result["num_workers"], "use_gpu": result["use_gpu"]}
+
+
+def _baseline(cfg: Config, rows: pa.Table, attributes: list[str], steps: int) -> dict:
+    """The same work in one process: Dataset over the files, DataLoader(num_workers=0)."""
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, Dataset
+
+    from pipeline.extract import decode_image
+    from pipeline.models import build_attribute_model, normalize_images
+
+    t = cfg.train
+    labels = np.stack([rows[a].to_numpy(zero_copy_only=False) for a in attributes], 1) \
+        .astype(np.float32)
+    uris = rows["uri"].to_pylist()
+
+    class Files(Dataset):
+        def __len__(self):
+            return len(uris)
+
+        def __getitem__(self, i):
+            data = storage.read_bytes(storage.filesystem(uris[i], cfg.storage))
+            return decode_image(data, (t.image_size,))[0], labels[i]
+
+    gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, "benchmark", "train"))
+    loader = DataLoader(Files(), batch_size=t.batch_size, shuffle=True, num_workers=0,
+                        drop_last=True, generator=gen)
+    torch.manual_seed(derive_seed(cfg.run.seed, train.STAGE, "init"))
+    model = build_attribute_model(len(attributes), t.pretrained, cfg.storage)
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    loss_fn = nn.BCEWithLogitsLoss()
+    rng = np.random.default_rng(derive_seed(cfg.run.seed, "benchmark", "augment"))
+    model.train()
+    seen = 0
+    t0 = time.time()
+    for i, (images, y) in enumerate(loader):
+        arr = images.numpy()
+        if t.augment:
+            arr = train._augment(arr, rng)
+        x = normalize_images(torch.from_numpy(arr).permute(0, 3, 1, 2))
+        loss = loss_fn(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        seen += len(y)
+        if i + 1 >= steps:
+            break
+    seconds = time.time() - t0
+    return {"images_per_s": round(seen / seconds, 2), "seconds": round(seconds, 2),
+            "torch_threads": torch.get_num_threads()}
