@@ -160,12 +160,17 @@ def test_saved_models_load_and_predict_the_same(stage_run):
             assert list(est.named_steps) == ["scale", "model"]
 
 
-def test_rerun_is_reproducible(stage_run, ray_session):
-    cfg, _, _ = stage_run
-    before = tables.read(cfg, "classifiers/metrics").to_pandas()
-    run(cfg)
-    after = tables.read(cfg, "classifiers/metrics").to_pandas()
-    assert before.equals(after)
+def test_rerun_is_reproducible(ray_session, tmp_path):
+    cfg = tiny_config(tmp_path, 'classify.features=["annotations"]', "classify.bootstrap=20",
+                      'classify.models=["logistic_regression"]',
+                      'classify.samplings=["none", "cluster_class"]')
+    write_inputs(cfg, n=240, with_features=False)
+    first = run(cfg)
+    before = {n: tables.read(cfg, f"classifiers/{n}").to_pandas() for n in ("metrics", "predictions")}
+    second = run(cfg)
+    for name, df in before.items():
+        assert df.equals(tables.read(cfg, f"classifiers/{name}").to_pandas()), name
+    assert first["thresholds"] == second["thresholds"]
 
 
 @pytest.mark.parametrize("strategy", ["none", "class", "cluster", "cluster_class"])
