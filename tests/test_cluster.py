@@ -200,8 +200,16 @@ def test_cluster_label_names_distinctive_attributes():
 
 
 def test_annotations_alone_without_features(ray_session, tmp_path):
-    cfg = tiny_config(tmp_path, "cluster.algorithms=[\"kmeans\", \"agglomerative\"]")
-    write_tiny_manifest(cfg, n=40, size=(32, 32))
+    cfg = tiny_config(tmp_path, "cluster.algorithms=[\"kmeans\", \"agglomerative\"]",
+                      "cluster.k=3")
+    m = write_tiny_manifest(cfg, n=40, size=(32, 32))
+    # UTKFace-style demographic columns: profiled as race and age bins with a chi-square test.
+    races = ["white", "black", "asian", "indian", "others"]
+    m = m.set_column(m.schema.get_field_index("race"), "race",
+                     pa.array([races[i % 5] for i in range(40)], pa.string()))
+    m = m.set_column(m.schema.get_field_index("age"), "age",
+                     pa.array([10 + 2 * i for i in range(40)], pa.int16()))
+    tables.replace(cfg, "manifest", m, schema=manifest_schema())
     result = run_cluster(cfg)
     assert set(result["skipped_spaces"]) == {"embedding", "semantic"}
     assert "no features table" in result["skipped_spaces"]["semantic"]
@@ -214,6 +222,12 @@ def test_annotations_alone_without_features(ray_session, tmp_path):
         sweep_schema(cfg.cluster.reference_attributes).remove_metadata())
     prim = tables.read(cfg, "clusters/primary")
     assert prim.num_rows == 40 and prim.schema.metadata[b"primary_space"] == b"annotations"
+    assert result["chosen"]["annotations/kmeans"] == {**result["chosen"]["annotations/kmeans"],
+                                                      "k": 3, "rule": "cluster.k=3"}
+    demo = tables.read(cfg, "clusters/demographics").to_pandas()
+    assert {"race", "age_bin", "Male"} <= set(demo.attribute)
+    race = demo[(demo.attribute == "race") & (demo.algorithm == "kmeans")]
+    assert race["count"].sum() == 40 and race.chi2.notna().all() and race.dof.eq(2 * 4).all()
     # The target (Attractive) is not a dimension of the annotations space.
     assert result["spaces"]["annotations"]["dims"] == len(CELEBA_ATTRIBUTES) - 1
 

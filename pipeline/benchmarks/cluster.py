@@ -13,8 +13,8 @@ Two measurements on generated data (no inputs needed, so it runs anywhere):
    loaded machine is large. Ray's workers are started before the clock starts (a warm-up task
    per CPU), so the Ray time is the sweep itself plus ``ray.put``. The load average is
    reported because shared machines make every number here noisy.
-   Both paths run the same function on the same seeds; ``same_labels`` says whether they gave
-   identical labels.
+   All paths run the same function on the same seeds; the result says whether Ray's labels equal
+   the one-thread loop's exactly and how close (ARI) they are to the multi-threaded loop's.
 2. **Full-N fit.** K-Means on a ``full_n`` x 50 matrix (CelebA's 202,599 rows by default):
    ``MiniBatchKMeans`` (what the stage uses above ``cluster.minibatch_threshold``) and, with
    ``--full-kmeans true``, Lloyd's ``KMeans`` for comparison.
@@ -80,8 +80,13 @@ def run(cfg: Config, rows: int = 10000, dim: int = 50, spaces: int = 3, full_n: 
     t0 = time.perf_counter()
     par = run_sweep(jobs, specs, parallel=True, cpus_per_task=c.cpus_per_task)
     ray_s = time.perf_counter() - t0
-    same = all(np.array_equal(a[1], b[1]) and np.array_equal(a[1], c1[1])
-               for a, b, c1 in zip(seq, par, seq1))
+    from sklearn.metrics import adjusted_rand_score
+
+    # Ray tasks and the one-thread loop do the same arithmetic, so their labels must match
+    # exactly; the multi-threaded loop sums in another order, which can move a few borderline
+    # rows (or relabel clusters), so it is compared by ARI.
+    same_1thread = all(np.array_equal(b[1], c1[1]) for b, c1 in zip(par, seq1))
+    min_ari_threaded = min(adjusted_rand_score(a[1], b[1]) for a, b in zip(seq, par))
 
     X, _ = planted(full_n, 50, full_k, derive_seed(cfg.run.seed, "bench", "cluster", "full"))
     seed = derive_seed(cfg.run.seed, "bench", "cluster", "full", "fit")
@@ -110,6 +115,7 @@ def run(cfg: Config, rows: int = 10000, dim: int = 50, spaces: int = 3, full_n: 
                   "ray_seconds": round(ray_s, 2),
                   "speedup_vs_sequential": round(seq_s / ray_s, 2),
                   "speedup_vs_sequential_1thread": round(seq1_s / ray_s, 2),
-                  "same_labels": same},
+                  "labels_identical_ray_vs_1thread": same_1thread,
+                  "min_ari_ray_vs_threaded": round(float(min_ari_threaded), 4)},
         "full_n_fit": {"rows": full_n, "dim": 50, "k": full_k, **full},
     }

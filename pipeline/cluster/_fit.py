@@ -224,6 +224,9 @@ def choose_k(rows: list[dict], rule: str, fixed_k: int) -> tuple[int, str]:
     if not rows:
         raise ValueError("choose_k needs at least one sweep row")
     if fixed_k:
+        if fixed_k not in {r["k"] for r in rows}:
+            raise ValueError(f"cluster.k={fixed_k} could not be fitted (too few rows for "
+                             f"{fixed_k} clusters); lower cluster.k or give the stage more rows")
         return fixed_k, f"cluster.k={fixed_k}"
     sign = K_RULES[rule]
     scored = [(sign * r[rule], -r["k"], r["k"]) for r in rows if r.get(rule) is not None]

@@ -142,9 +142,11 @@ def run(cfg: Config) -> dict:
     """
     import ray
 
+    from pipeline.ray_runtime import ensure_ray
     from pipeline.run import StageSkipped
 
     _check_config(cfg)
+    ensure_ray(cfg)  # a no-op under run_stage or a test's Ray; honours cfg.ray otherwise
     c = cfg.cluster
     t_start = time.time()
     inp = load_inputs(cfg, need_embedding="embedding" in c.spaces)
@@ -256,8 +258,8 @@ def run(cfg: Config) -> dict:
         for a in c.demographic_attributes:
             if a in attr_names:
                 j = attr_names.index(a)
-                demo_cols[a] = np.asarray([str(bool(v)).lower() if ok else None
-                                           for v, ok in zip(M[:, j], V[:, j])], dtype=object)
+                demo_cols[a] = np.where(V[:, j], np.where(M[:, j], "true", "false"),
+                                        None).astype(object)
             elif a not in inp.demographics:
                 demo_missing[a] = f"not among the {source} attributes"
         pos = np.searchsorted(inp.image_ids, sp.image_ids)
@@ -277,6 +279,10 @@ def run(cfg: Config) -> dict:
         log.warning("[cluster] primary space %s is missing (%s); clusters/primary uses %s",
                     primary_space, skipped.get(primary_space, "not in cluster.spaces"), fallback)
         primary_space = fallback
+    if (primary_space, c.primary_algorithm) not in chosen_labels:
+        raise ValueError(f"no {c.primary_algorithm} clustering of the {primary_space} space "
+                         f"could be fitted ({'; '.join(notes) or 'no sweep rows'}); give the "
+                         "stage more rows or lower cluster.k_min")
     plabels = chosen_labels[(primary_space, c.primary_algorithm)]
     pk = chosen[f"{primary_space}/{c.primary_algorithm}"]["k"]
     primary = pa.table({"image_id": pa.array(spaces[primary_space].image_ids.tolist(), pa.string()),
