@@ -46,7 +46,7 @@ class DataConfig(_Section):
     root: str = "data/sample"
     # Fractions of images put in train/val for datasets without an official split (sum < 1).
     split_fractions: tuple[float, float] = (0.8, 0.1)
-    # Keep only the first N manifest rows (after sorting by image_id); 0 keeps all.
+    # Keep a seeded random subset of N images (splits keep their proportions); 0 keeps all.
     limit: int = Field(default=0, ge=0)
 
 

@@ -513,8 +513,12 @@ def _build(cfg: Config, listing: pl.DataFrame | None = None) -> tuple[pa.Table, 
     df = df.with_columns([pl.lit(None).alias(f.name) for f in missing])
     df = df.sort("image_id")
     total = df.height
-    if cfg.data.limit:
-        df = df.head(cfg.data.limit)
+    if cfg.data.limit and cfg.data.limit < df.height:
+        # A seeded random subset, not the head: CelebA's splits are contiguous in image_id,
+        # so the first N rows would all be `train`.
+        order = np.random.default_rng(derive_seed(cfg.run.seed, "ingest", "limit")).permutation(
+            df.height)[: cfg.data.limit]
+        df = df[np.sort(order)]
     manifest = storage.conform(df.select([f.name for f in schema]).to_arrow(), schema)
     errs = [e for e in err_frames if e.height]
     err_df = pl.concat([e.select(list(_ERR_COLS)).cast(_ERR_COLS) for e in errs], how="vertical") \

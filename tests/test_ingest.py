@@ -245,11 +245,17 @@ def test_missing_partition_file_falls_back_to_seeded_splits_and_says_so(celeba):
     assert set(_manifest(celeba)["split"]) <= {"train", "val", "test"}
 
 
-def test_limit_keeps_the_first_rows_by_image_id(tmp_path):
-    cfg = _cfg(tmp_path, "data.limit=5")
+def test_limit_keeps_a_seeded_subset_across_splits(tmp_path):
+    cfg = _cfg(tmp_path, f"data.limit={N // 2}")
     make_sample(cfg.data.root, N, seed=1)
-    assert ingest.run(cfg)["rows"] == 5
-    assert _manifest(cfg)["image_id"].to_list() == [f"{i:06d}.jpg" for i in range(1, 6)]
+    assert ingest.run(cfg)["rows"] == N // 2
+    first = _manifest(cfg)
+    ids = first["image_id"].to_list()
+    assert ids == sorted(ids) and len(set(ids)) == N // 2
+    assert ids != [f"{i:06d}.jpg" for i in range(1, N // 2 + 1)]  # not simply the head
+    assert set(first["split"]) == {"train", "val", "test"}  # contiguous splits all survive
+    ingest.run(cfg)
+    assert _manifest(cfg)["image_id"].to_list() == ids  # same seed, same subset
 
 
 def test_all_images_unusable_is_an_error(celeba):
