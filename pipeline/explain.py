@@ -47,8 +47,8 @@ stage that died half-way resumes where it stopped.
 Cost control (deep forests are the expensive case; interventional TreeSHAP costs roughly
 rows x background rows x trees x depth):
 
-- ``classify.params.random_forest.max_depth`` caps the depth at training time (the classify
-  stage passes it to the estimator); the demo config sets it.
+- ``classify.params.random_forest.max_depth`` (and ``min_samples_leaf``, ``n_estimators``) cap
+  the forest's size at training time; the classify stage passes them to the estimator.
 - ``explain.max_rows`` caps the rows explained per model; ``explain.background_rows`` the
   background; ``explain.block_rows`` sets the task size (big enough that the task's overhead,
   ~10 ms, is small against its work; small enough to keep every CPU busy).
@@ -778,12 +778,14 @@ def run(cfg: Config) -> dict:
             ray.cancel(ref)
         raise
 
+    shap_seconds = time.time() - t0
     importance = _importance_rows(units)
     tables.replace(cfg, IMPORTANCE, pa.Table.from_pylist(importance, schema=IMPORTANCE_SCHEMA),
                    schema=IMPORTANCE_SCHEMA)
     comparison = _comparison_rows(units, ec.top_k)
     tables.replace(cfg, COMPARISON, pa.Table.from_pylist(comparison, schema=COMPARISON_SCHEMA),
                    schema=COMPARISON_SCHEMA)
+    t_plots = time.time()
     plots = _plots(units, ec.top_k)
     ploc = tables.location(cfg, PLOTS)
     for name, png in plots.items():
@@ -794,12 +796,15 @@ def run(cfg: Config) -> dict:
 
     rows_explained = sum(u.counts.get(u.spec.cluster, 0) for u in units)
     seconds = time.time() - t0
+    log.info("[explain] %d rows of %d models in %.1f s (SHAP %.1f s), %d plots", rows_explained,
+             len(units), seconds, shap_seconds, len(plots))
     return {
         "models": len(units), "rows": rows_explained, "blocks": blocks_total,
         "blocks_computed": computed, "blocks_reused": reused,
         "importance_rows": len(importance), "comparison_rows": len(comparison),
         "plots": len(plots), "max_additivity_error": worst, "cpus": cluster_cpus(),
-        "seconds": round(seconds, 2),
+        "seconds": round(seconds, 2), "shap_seconds": round(shap_seconds, 2),
+        "plot_seconds": round(time.time() - t_plots, 2),
         "explainers": {label: f"{k['explainer']}/{k['perturbation']}/{k['output']}"
                        for label, k in kinds.items()},
         "most_different_from_global": _most_different(comparison),

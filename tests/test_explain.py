@@ -9,7 +9,7 @@ import pytest
 import skops.io as sio
 from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
+from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from pipeline import explain, storage, tables
@@ -30,11 +30,13 @@ MODELS_SCHEMA = pa.schema([
 
 
 def _estimator(name: str):
+    """As the classify stage saves them: a Pipeline whose last step is the model."""
     if name == "random_forest":
-        return RandomForestClassifier(n_estimators=20, max_depth=4, random_state=0)
+        return Pipeline([("model", RandomForestClassifier(n_estimators=20, max_depth=4,
+                                                          random_state=0))])
     if name == "hist_gradient_boosting":
-        return HistGradientBoostingClassifier(max_iter=20, random_state=0)
-    return make_pipeline(StandardScaler(), LogisticRegression())
+        return Pipeline([("model", HistGradientBoostingClassifier(max_iter=20, random_state=0))])
+    return Pipeline([("scale", StandardScaler()), ("model", LogisticRegression())])
 
 
 def write_classify_outputs(cfg, n: int = 800, k: int = 4, seed: int = 0,
@@ -71,9 +73,10 @@ def write_classify_outputs(cfg, n: int = 800, k: int = 4, seed: int = 0,
                    schema=MODELS_SCHEMA)
 
 
-@pytest.fixture
-def explained(tmp_path, ray_session):
-    cfg = tiny_config(tmp_path)
+@pytest.fixture(scope="module")
+def explained(tmp_path_factory, ray_session):
+    """One run shared by the tests that only read its outputs."""
+    cfg = tiny_config(tmp_path_factory.mktemp("explain"))
     write_classify_outputs(cfg)
     return cfg, explain.run(cfg)
 
@@ -219,8 +222,12 @@ def test_explainer_reproduces_each_model_kind():
     rng = np.random.default_rng(1)
     X = rng.normal(size=(200, 5))
     y = X[:, 0] - X[:, 1] > 0
-    for name in ("random_forest", "logistic_regression", "hist_gradient_boosting"):
-        model = _estimator(name).fit(X, y)
+    bare = {"bare_forest": RandomForestClassifier(n_estimators=10, random_state=0),
+            "bare_logistic": LogisticRegression(),
+            "scaled_forest": make_pipeline(StandardScaler(), RandomForestClassifier(
+                n_estimators=10, random_state=0))}
+    for name in ("random_forest", "logistic_regression", "hist_gradient_boosting", *bare):
+        model = (bare[name] if name in bare else _estimator(name)).fit(X, y)
         res = explain.explain_block(name, model, X[:30], X[100:140])
         kind = explain.explainer_kind(model)
         assert res["values"].shape == (40, 5)
