@@ -28,7 +28,7 @@ from pipeline import storage
 from pipeline.config import Config
 from pipeline.report import (_attributes, _bias, _classifiers, _clusters, _data, _explain,
                              _runinfo)
-from pipeline.report._context import Context, slug
+from pipeline.report._context import Context, ReportDataError, h, note, slug
 from pipeline.report._page import render
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,13 @@ def run(cfg: Config) -> dict:
     built = []
     for module in SECTIONS:
         log.info("[report] %s", module.TITLE)
-        built.append((slug(module.TITLE), module.TITLE, "\n".join(module.build(ctx))))
+        try:
+            body = "\n".join(module.build(ctx))
+        except ReportDataError as exc:  # a table the whole section needs is malformed
+            ctx.problems.append(f"{module.TITLE}: {exc}")
+            log.warning("[report] %s: %s", module.TITLE, exc)
+            body = note(f"Could not draw this section: {h(exc)}", "warn")
+        built.append((slug(module.TITLE), module.TITLE, body))
     subtitle = f"{cfg.data.dataset} · {cfg.data.root} → {cfg.output.root}"
     page = render("faceaudit report", subtitle, built)
     index = ctx.out.join(INDEX)

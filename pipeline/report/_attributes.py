@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
 from pipeline import storage
 from pipeline.report import _plots as P
@@ -99,6 +100,7 @@ def _history(ctx: Context, hist: pd.DataFrame) -> list[str]:
         for i, c in enumerate(cols):
             ax.plot(hist[ep], hist[c], marker=P.marker(i), color=P.colour(i), label=c)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
         if cols:
             ax.legend()

@@ -81,7 +81,9 @@ def _dotplot(ctx: Context, d: pd.DataFrame, series: str, name: str, caption: str
     """Rows: groupings; columns: metrics; x: groups; one colour per ``series`` value, CI bars."""
     fig, axes = P.plt.subplots(len(groupings), len(metrics),
                                figsize=(3.2 * len(metrics), 2.7 * len(groupings)), squeeze=False)
-    keys = sorted(d[series].unique())
+    order = {s: i for i, s in enumerate(("none", "class", "cluster", "cluster_class",
+                                         "global model"))}
+    keys = sorted(d[series].unique(), key=lambda k: (order.get(k, 99), str(k)))
     for r, gb in enumerate(groupings):
         dg = d[d["group_by"] == gb]
         groups = sorted(dg["group"].astype(str).unique(), key=_natural)
@@ -99,6 +101,7 @@ def _dotplot(ctx: Context, d: pd.DataFrame, series: str, name: str, caption: str
             ax.set_xticks(range(len(groups)), labels=[_short(gb, g) for g in groups],
                           rotation=45 if len(groups) > 4 else 0)
             ax.set_ylim(-0.02, 1.02)
+            ax.set_xlim(-0.6, len(groups) - 0.4)
             if r == 0:
                 ax.set_title(metric.replace("_", " ") + (" (TPR)" if metric == "recall" else
                                                          " (false-positive rate)" if metric == "fpr"
@@ -106,9 +109,10 @@ def _dotplot(ctx: Context, d: pd.DataFrame, series: str, name: str, caption: str
             if c == 0:
                 ax.set_ylabel(f"by {gb} (fraction)")
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 6),
-               bbox_to_anchor=(0.5, 1.0 + 0.06 / len(groupings)), title=series)
     fig.tight_layout()
+    # above the panels (bbox_inches="tight" keeps it in the image), never over a title
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6),
+               bbox_to_anchor=(0.5, 1.0), title=series, frameon=False)
     return ctx.figure(fig, name, caption)
 
 
@@ -182,6 +186,11 @@ def _sampling(ctx: Context, m: pd.DataFrame) -> list[str]:
             ax.set_title(metric.replace("_", " "))
             ax.set_ylabel("gap (fraction, lower is fairer)")
         axes[0, 0].legend(title="undersampling", fontsize=7)
+        if gm["value"].isna().all():
+            P.plt.close(fig)
+            out.append(note(f"{h(model)}: every gap is undefined (no grouping has two groups "
+                            f"with test rows)."))
+            continue
         fig.suptitle(f"{model}: gaps between groups under each undersampling strategy")
         fig.tight_layout()
         out.append(ctx.figure(fig, f"classifiers-sampling-gaps-{model}",

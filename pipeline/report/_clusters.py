@@ -100,7 +100,7 @@ def _profiles(ctx: Context, space: str, algo: str) -> pd.DataFrame:
 
 def _cluster_names(p: pd.DataFrame) -> dict[int, str]:
     lab = p.groupby("cluster").agg(label=("label", "first"), size=("size", "first"))
-    return {int(c): f"c{c}: {r.label} (n={int(r.size):,})" for c, r in lab.iterrows()}
+    return {int(c): f"c{c}: {r['label']} (n={int(r['size']):,})" for c, r in lab.iterrows()}
 
 
 def _sweep(ctx: Context, space: str) -> list[str]:

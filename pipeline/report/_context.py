@@ -125,7 +125,12 @@ class Context:
                 if not k.startswith(b"ARROW:") and k != b"pandas"}
 
     def stage_of(self, name: str) -> str:
-        return TABLE_STAGE.get(name, TABLE_STAGE.get(name.split("/")[0], "?"))
+        parts = name.split("/")
+        for i in range(len(parts), 0, -1):  # longest known prefix: models/attributes/metrics
+            stage = TABLE_STAGE.get("/".join(parts[:i]))
+            if stage:
+                return stage
+        return "?"
 
     def missing(self, name: str, what: str = "") -> str:
         """The "not run" note for a table no stage has written, with run.json's word on why."""

@@ -84,10 +84,12 @@ def _side_by_side(ctx: Context, model: str, sampling: str, g: pd.DataFrame) -> l
                                sharey=True, squeeze=False)
     output = g["output"].iloc[0] if "output" in g.columns else "model output"
     vmax = max(float(d["mean_abs_shap"].max()) for _, d in cols) * 1.05
-    for i, (ax, (name, d)) in enumerate(zip(axes.flat, cols)):
+    for ax, (name, d) in zip(axes.flat, cols):
         v = d.set_index("feature")["mean_abs_shap"].reindex(feats)
+        # blue: the global model (on all rows or on one cluster); orange: a cluster's own model
         ax.barh(range(len(feats)), v.fillna(0).values,
-                color=P.OKABE_ITO[0] if name.startswith("global model, all") else P.colour(1 + i % 7))
+                color=P.OKABE_ITO[0] if name.startswith("global") else P.OKABE_ITO[1],
+                hatch="" if name.startswith("global") else "//", edgecolor="white")
         ax.set_yticks(range(len(feats)), labels=feats)
         ax.set_xlim(0, vmax)
         ax.set_title(P.wrap(name, 22), fontsize=8)

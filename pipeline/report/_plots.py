@@ -19,7 +19,7 @@ OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "
              "#000000")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 SEQUENTIAL = "cividis"
-DIVERGING = "PuOr_r"
+DIVERGING = "PuOr"  # orange = below zero, purple = above
 NOISE_GREY = "#999999"
 
 plt.rcParams.update({
