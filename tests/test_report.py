@@ -88,7 +88,7 @@ def test_full_run_shows_every_section_and_no_problem(full_run):
     for space in SPACES:  # every space gets its sweep, map, mean faces, sample grid ...
         for part in ("sweep", "map", "lift", "occurrence", "mean-faces", "samples", "distances"):
             assert f"figures/clusters-{space}-{part}.png" in html, (space, part)
-    for needle in ("P(A | B)", "Chi-square", "beeswarm", "Kendall", "majority baseline",
+    for needle in ("P(A | B)", "Chi-square", "beeswarm", "rank agreement", "majority-class baseline",
                    "What undersampling changed", "config.toml"):
         assert needle in html, needle
 
@@ -221,3 +221,33 @@ def test_page_renders_in_headless_chromium(full_run, tmp_path):
     # header, text, tables and plots.
     assert non_white > 0.05, f"screenshot looks blank ({non_white:.1%} non-white pixels)"
     assert colours > 50, f"screenshot looks blank ({colours} distinct colours)"
+
+
+@pytest.mark.slow
+def test_report_from_real_stages(tmp_path, ray_session):
+    """cluster → classify → explain run for real on a tiny manifest (annotations only, no
+    attribute model), then the report: their tables must draw without a single problem."""
+    from pipeline.run import run_stage
+    from tests.helpers import write_tiny_manifest
+
+    cfg = tiny_config(tmp_path, "report.dpi=60", "report.faces_per_cluster=4",
+                      "report.mean_face_images=10", 'cluster.spaces=["annotations"]',
+                      'cluster.algorithms=["kmeans", "gmm"]', "cluster.k_max=3",
+                      'classify.features=["annotations"]', 'classify.models=["logistic_regression"]',
+                      'classify.samplings=["none", "class"]', "classify.bootstrap=10")
+    write_tiny_manifest(cfg, n=160)
+    for stage in ("cluster", "classify", "explain"):
+        run_stage(cfg, stage)
+    result = run_stage(cfg, "report")
+    assert result["problems"] == [], result["problems"]
+    assert "models/attributes/metrics" in result["not_run"]  # train never ran: a note, no crash
+    for name in ("clusters", "classifiers/metrics", "shap/importance", "clusters/demographics"):
+        assert name not in result["not_run"], name
+    index = Path(result["report"])
+    page = _parse(index)
+    assert tuple(page.sections) == SECTION_IDS
+    _check_images(index, page)
+    html = index.read_text()
+    for fig in ("clusters-annotations-mean-faces.png", "classifiers-per-cluster.png",
+                "shap-logistic-regression-none-importance.png", "bias-annotations.png"):
+        assert f"figures/{fig}" in html, fig
