@@ -256,6 +256,23 @@ def test_undefined_metrics_are_nan_not_zero():
     assert got[("g=pos", "recall")] == pytest.approx(2 / 3)
 
 
+@pytest.mark.parametrize("method", ["mutual_info", "importance"])
+def test_feature_selection_keeps_the_informative_features(ray_session, tmp_path, method):
+    cfg = tiny_config(tmp_path, 'classify.features=["annotations"]', "classify.bootstrap=0",
+                      'classify.models=["logistic_regression"]', 'classify.samplings=["none"]',
+                      "classify.per_cluster=false", f"classify.feature_selection={method}",
+                      "classify.select_k=4")
+    write_inputs(cfg, n=400, with_features=False, noisy_group_flip=0.02)
+    out = run(cfg)
+    (model,) = tables.read(cfg, "classifiers/models").to_pylist()
+    assert len(model["features"]) == 4
+    # the target was planted as Heavy_Makeup OR Wavy_Hair: both must be chosen
+    assert {"Heavy_Makeup", "Wavy_Hair"} <= set(model["features"])
+    assert out["selected_features"]["logistic_regression__none__global"] == model["features"]
+    est = load_model(cfg, model["path"])
+    assert est.n_features_in_ == 4
+
+
 def test_without_clusters_only_global_runs(ray_session, tmp_path):
     cfg = tiny_config(tmp_path, 'classify.features=["annotations"]', "classify.bootstrap=10",
                       'classify.models=["logistic_regression"]')

@@ -143,6 +143,9 @@ def execute(cfg: Config, inputs: Inputs, specs: list[FitSpec], out_root: str,
     if mode == "ray":
         import ray
 
+        from pipeline.ray_runtime import ensure_ray
+
+        ensure_ray(cfg)  # a no-op under jobs.* and tests, which start Ray themselves
         opts = {"num_cpus": cfg.classify.cpus_per_task}
         fit_task = ray.remote(fit_one).options(**opts)
         data_ref = ray.put(inputs.arrays())
