@@ -229,31 +229,38 @@ class _Infer:
         mean, std = normalise
         return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def inputs(self, batch: pa.Table, good: np.ndarray):
+        """The normalised input tensors of the batch's usable rows (attribute, embedding)."""
+        xa = self._tensor(batch.column(f"px{self.attr_size}"), good, self.attr_size,
+                          self.attr_norm)
+        if self.emb_model is None:
+            return xa, None
+        same = self.emb_size == self.attr_size and self.emb.mean == tuple(
+            self.info.mean) and self.emb.std == tuple(self.info.std)
+        xe = xa if same else self._tensor(batch.column(f"px{self.emb_size}"), good,
+                                          self.emb_size, self.emb_norm)
+        return xa, xe
+
+    def forward(self, xa, xe):
+        """Both models on one batch: (attribute probabilities, embeddings) as float32 numpy."""
         torch = self.torch
+        # mixed precision on GPU only: CPU autocast (bfloat16) is slower on most CPUs
+        amp = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+               else torch.autocast("cpu", enabled=False))
+        with torch.inference_mode(), amp:
+            feats = self.attr_model.embed(xa)
+            logits = self.attr_model.head(feats)  # eval: dropout is the identity
+            # attribute_backbone: the same forward pass gives the embedding
+            e = feats if self.emb_model is None else self.emb_model(xe)
+            return torch.sigmoid(logits.float()).cpu().numpy(), e.float().cpu().numpy()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
         good = np.flatnonzero(pc.is_null(batch.column("error")).to_numpy(zero_copy_only=False))
         probs = np.zeros((len(good), len(self.attributes)), np.float32)
         emb = np.zeros((len(good), self.emb.dim), np.float32)
         if len(good):
-            # mixed precision on GPU only: CPU autocast (bfloat16) is slower on most CPUs
-            amp = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
-                   else torch.autocast("cpu", enabled=False))
-            with torch.inference_mode(), amp:
-                xa = self._tensor(batch.column(f"px{self.attr_size}"), good, self.attr_size,
-                                  self.attr_norm)
-                feats = self.attr_model.embed(xa)
-                logits = self.attr_model.head(feats)  # eval: dropout is the identity
-                if self.emb_model is None:
-                    e = feats  # attribute_backbone: the same forward pass gives the embedding
-                else:
-                    same = self.emb_size == self.attr_size and self.emb.mean == tuple(
-                        self.info.mean) and self.emb.std == tuple(self.info.std)
-                    xe = xa if same else self._tensor(batch.column(f"px{self.emb_size}"), good,
-                                                      self.emb_size, self.emb_norm)
-                    e = self.emb_model(xe)
-                probs = torch.sigmoid(logits.float()).cpu().numpy()
-                emb = e.float().cpu().numpy()
+            probs, emb = self.forward(*self.inputs(batch, good))
         # scatter results back to the batch's rows; error rows keep nulls
         cols: list[pa.Array] = []
         mask = np.ones(n, bool)
@@ -396,6 +403,7 @@ def run(cfg: Config) -> dict:
     # built here once so that bad weights fail before any work starts (and to learn dim/version)
     emb = build_embedding(e.embedding, e.embedding_weights, cfg.storage, attribute_info=info,
                           seed=_embedding_seed(cfg))
+    emb.module = None  # the actors build their own; the driver only needed dim and version
     emb_size = info.image_size if e.embedding == "attribute_backbone" else e.embedding_image_size
     sizes = tuple(sorted({int(info.image_size), int(emb_size)}))
     schema = features_schema(list(info.attributes), emb.dim)
