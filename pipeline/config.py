@@ -321,9 +321,13 @@ class Config(_Section):
         return d
 
     def fingerprint(self, *sections: str) -> str:
-        """A short stable hash of the named sections; stages use it to know when to rerun."""
+        """A short stable hash of the named sections (or ``section.key``s); drives stage reruns."""
         d = self.model_dump(mode="json")
-        blob = json.dumps({s: d[s] for s in sections}, sort_keys=True)
+        picked = {}
+        for s in sections:  # "section" or "section.key"
+            head, _, key = s.partition(".")
+            picked[s] = d[head][key] if key else d[head]
+        blob = json.dumps(picked, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -36,7 +36,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("ingest", "pipeline.ingest", ("data",), needs_ray=False),
     Stage("train_attributes", "pipeline.train", ("train",)),
     Stage("extract", "pipeline.extract", ("extract",)),
-    Stage("cluster", "pipeline.cluster", ("cluster",)),
+    Stage("cluster", "pipeline.cluster", ("cluster", "classify.target")),
     Stage("classify", "pipeline.classify", ("classify",)),
     Stage("explain", "pipeline.explain", ("explain",)),
     Stage("report", "pipeline.report", ("report",), needs_ray=False),

@@ -55,3 +55,9 @@ def test_changed_section_reruns_dependants_only():
     b = fingerprints(load_config(None, ["cluster.k_max=5"]))
     assert a["ingest"] == b["ingest"] and a["extract"] == b["extract"]
     assert a["cluster"] != b["cluster"] and a["report"] != b["report"]
+
+
+def test_cluster_reruns_when_the_target_changes():
+    a = fingerprints(load_config(None, []))
+    b = fingerprints(load_config(None, ["classify.target=Smiling"]))
+    assert a["extract"] == b["extract"] and a["cluster"] != b["cluster"]
