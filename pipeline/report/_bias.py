@@ -12,7 +12,7 @@ import re
 import pandas as pd
 
 from pipeline.report import _plots as P
-from pipeline.report._context import Context, col, note, table_html
+from pipeline.report._context import Context, note, require, table_html
 
 TITLE = "Bias"
 DEMO = "clusters/demographics"
@@ -28,8 +28,7 @@ def build(ctx: Context) -> list[str]:
                 "the whole dataset (bar “all”). The chi-square test asks whether cluster "
                 "membership and the category are independent; a small p-value means the "
                 "clusters split the demographic unevenly.")]
-    for c in ("space", "algorithm", "attribute", "cluster", "category", "share"):
-        col(d, c, table=DEMO)
+    require(d, ("space", "algorithm", "attribute", "cluster", "category", "share"), DEMO)
     man = ctx.table("manifest", columns=["race"]) if ctx.has("manifest") else None
     if man is not None and man["race"].notna().any() and not (d["attribute"] == "race").any():
         out.append(note("The manifest has UTKFace race labels but clusters/demographics has "

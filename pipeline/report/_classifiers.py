@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.report import _plots as P
-from pipeline.report._context import Context, ReportDataError, col, h, note, table_html
+from pipeline.report._context import Context, ReportDataError, h, note, require, table_html
 
 TITLE = "Classifiers"
 METRICS = "classifiers/metrics"
@@ -29,9 +29,8 @@ def build(ctx: Context) -> list[str]:
     m = ctx.table(METRICS)
     if m is None:
         return [ctx.missing(METRICS)]
-    for c in ("model", "sampling", "trained_on", "evaluated_on", "group_by", "group", "metric",
-              "value", "ci_low", "ci_high"):
-        col(m, c, table=METRICS)
+    require(m, ("model", "sampling", "trained_on", "evaluated_on", "group_by", "group", "metric",
+              "value", "ci_low", "ci_high"), METRICS)
     m = m.copy()
     m["is_gap"] = m["evaluated_on"].astype(str).str.startswith("gap:")
     m["global"] = m["trained_on"].astype(str).isin(GLOBAL)

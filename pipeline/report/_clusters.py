@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.report import _plots as P
-from pipeline.report._context import Context, ReportDataError, col, h, note, table_html
+from pipeline.report._context import Context, require, ReportDataError, col, h, note, table_html
 from pipeline.report._faces import FaceReader, mean_face, sample_rows
 from pipeline.seeds import derive_seed
 
@@ -88,8 +88,8 @@ def _profiles(ctx: Context, space: str, algo: str) -> pd.DataFrame:
     p = ctx.table(PROFILES)
     if p is None:
         raise ReportDataError(f"{PROFILES}/ is missing (the cluster stage writes it)")
-    for c in ("space", "algorithm", "cluster", "attribute", "prevalence", "lift", "label", "size"):
-        col(p, c, table=PROFILES)
+    require(p, ("space", "algorithm", "cluster", "attribute", "prevalence", "lift", "label",
+                "size"), PROFILES)
     p = p[(p["space"] == space) & (p["algorithm"] == algo)]
     if "source" in p.columns and (p["source"] == "annotations").any():
         p = p[p["source"] == "annotations"]  # ground truth where the dataset has it
@@ -295,8 +295,7 @@ def _distances(ctx: Context, space: str, algo: str) -> list[str]:
     d = ctx.table(DIST)
     if d is None:
         return [ctx.missing(DIST)]
-    for c in ("cluster_a", "cluster_b", "distance"):
-        col(d, c, table=DIST)
+    require(d, ("cluster_a", "cluster_b", "distance"), DIST)
     d = d[(d["space"] == space) & (d["algorithm"] == algo)]
     if d.empty:
         return [note(f"No centroid distances for {h(space)} / {h(algo)}.")]

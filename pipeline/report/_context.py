@@ -54,6 +54,14 @@ def col(df: pd.DataFrame, *candidates: str, table: str, required: bool = True) -
     return None
 
 
+def require(df: pd.DataFrame, columns: Iterable[str], table: str) -> None:
+    """Every one of ``columns`` must be in ``df``; the error lists all that are missing."""
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ReportDataError(f"{table} lacks the columns {missing}; its columns are "
+                              f"{list(df.columns)}")
+
+
 def fmt(v: object, digits: int = 3) -> str:
     if v is None or (isinstance(v, float) and v != v):
         return "–"

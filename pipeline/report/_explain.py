@@ -11,7 +11,7 @@ import pandas as pd
 
 from pipeline import storage, tables
 from pipeline.report import _plots as P
-from pipeline.report._context import Context, col, note, table_html
+from pipeline.report._context import Context, note, require, table_html
 
 TITLE = "Explanations"
 IMPORTANCE, COMPARISON, PLOTS = "shap/importance", "shap/comparison", "shap/plots"
@@ -23,8 +23,8 @@ def build(ctx: Context) -> list[str]:
     imp = ctx.table(IMPORTANCE)
     if imp is None:
         return [ctx.missing(IMPORTANCE)]
-    for c in ("model", "sampling", "trained_on", "cluster", "feature", "mean_abs_shap", "rank"):
-        col(imp, c, table=IMPORTANCE)
+    require(imp, ("model", "sampling", "trained_on", "cluster", "feature", "mean_abs_shap",
+                  "rank"), IMPORTANCE)
     out = [note("Mean |SHAP| is the average absolute contribution of a feature to the model's "
                 "output (probability or log-odds, as stated on each axis). Clusters whose "
                 "ranking differs from the global model's are where the classifier relies on "
@@ -117,9 +117,8 @@ def _node(trained_on: str, cluster) -> str:
 def _agreement(ctx: Context, model: str, sampling: str, c: pd.DataFrame) -> list[str]:
     if c.empty:
         return [note("No comparison rows (fewer than two importance vectors).")]
-    for name in ("left_trained_on", "left_cluster", "right_trained_on", "right_cluster",
-                 "kendall_tau", "top_k_overlap"):
-        col(c, name, table=COMPARISON)
+    require(c, ("left_trained_on", "left_cluster", "right_trained_on", "right_cluster",
+                 "kendall_tau", "top_k_overlap"), COMPARISON)
     c = c.copy()
     c["left"] = [_node(t, cl) for t, cl in zip(c["left_trained_on"], c["left_cluster"])]
     c["right"] = [_node(t, cl) for t, cl in zip(c["right_trained_on"], c["right_cluster"])]
