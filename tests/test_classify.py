@@ -72,11 +72,12 @@ def stage_run(ray_session, tmp_path_factory):
     """One full run on 600 rows: 2 models × 4 samplings, global + 4 clusters."""
     tmp = tmp_path_factory.mktemp("classify")
     cfg = tiny_config(tmp, 'classify.features=["semantic"]', "classify.bootstrap=100",
-                      'classify.params={random_forest={n_estimators=50}}')
+                      'classify.params={random_forest={n_estimators=30}}')
     A = write_inputs(cfg)
     return cfg, A, run(cfg)
 
 
+@pytest.mark.slow  # shares the 24-fit module run (~30-90 s on a busy 2-core machine)
 def test_planted_disparity_is_found(stage_run):
     cfg, _, result = stage_run
     m = _metrics(cfg)
@@ -93,6 +94,7 @@ def test_planted_disparity_is_found(stage_run):
     assert young.ci_low.iloc[0] <= 0 <= young.ci_high.iloc[0]
 
 
+@pytest.mark.slow  # shares the 24-fit module run (~30-90 s on a busy 2-core machine)
 def test_outputs_follow_schemas_and_contract(stage_run):
     cfg, _, result = stage_run
     for name, schema in (("classifiers/metrics", METRICS_SCHEMA),
@@ -124,6 +126,7 @@ def test_outputs_follow_schemas_and_contract(stage_run):
     assert set(preds.split) == {"test"}
 
 
+@pytest.mark.slow  # shares the 24-fit module run (~30-90 s on a busy 2-core machine)
 def test_target_never_a_feature(stage_run, tmp_path, ray_session):
     cfg, _, result = stage_run
     models = tables.read(cfg, "classifiers/models").to_pylist()
@@ -142,6 +145,7 @@ def test_target_never_a_feature(stage_run, tmp_path, ray_session):
     assert len(out["features"]) == 39 + 39 + 3
 
 
+@pytest.mark.slow  # shares the 24-fit module run (~30-90 s on a busy 2-core machine)
 def test_saved_models_load_and_predict_the_same(stage_run):
     cfg, _, _ = stage_run
     ds = tables.read(cfg, "classifiers/dataset").to_pandas()
@@ -271,6 +275,24 @@ def test_feature_selection_keeps_the_informative_features(ray_session, tmp_path,
     assert out["selected_features"]["logistic_regression__none__global"] == model["features"]
     est = load_model(cfg, model["path"])
     assert est.n_features_in_ == 4
+
+
+def test_noise_rows_have_no_cluster_and_are_left_out_of_cluster_sampling(ray_session, tmp_path):
+    cfg = tiny_config(tmp_path, 'classify.features=["annotations"]', "classify.bootstrap=0",
+                      'classify.models=["logistic_regression"]', 'classify.samplings=["cluster"]',
+                      "classify.per_cluster=false")
+    A = write_inputs(cfg, n=300, with_features=False)
+    cl = (2 * A["Male"] + A["Young"]).astype(np.int32)
+    cl[:30] = -1  # HDBSCAN-style noise
+    ids = [f"{i:06d}.jpg" for i in range(300)]
+    tables.replace(cfg, "clusters/primary", pa.table({"image_id": ids, "cluster": cl}),
+                   schema=CLUSTERS_SCHEMA)
+    out = run(cfg)
+    ds = tables.read(cfg, "classifiers/dataset").to_pandas()
+    assert ds.cluster.isna().sum() == 30 and out["notes"]["rows_in_noise_cluster"] == 30
+    train = ds[(ds.split == "train") & ds.cluster.notna()]
+    (model,) = tables.read(cfg, "classifiers/models").to_pylist()
+    assert model["n_train"] == 4 * train.cluster.value_counts().min()
 
 
 def test_without_clusters_only_global_runs(ray_session, tmp_path):
