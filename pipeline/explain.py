@@ -105,7 +105,7 @@ IMPORTANCE_SCHEMA = pa.schema([
     pa.field("output", pa.string(), nullable=False),
     pa.field("feature", pa.string(), nullable=False),
     pa.field("mean_abs_shap", pa.float64(), nullable=False),
-    pa.field("rank", pa.int32(), nullable=False),  # 1 = most important
+    pa.field("rank", pa.int32(), nullable=False),  # 1 = most important; ties share the best
     pa.field("n_rows", pa.int64(), nullable=False),  # rows the mean is over
 ])
 
@@ -121,7 +121,8 @@ COMPARISON_SCHEMA = pa.schema([
     pa.field("kendall_tau", pa.float64()),  # on mean|SHAP| over the shared features; null if undefined
     pa.field("kendall_p", pa.float64()),
     pa.field("k", pa.int32(), nullable=False),
-    pa.field("top_k_overlap", pa.float64(), nullable=False),  # |top-k(left) & top-k(right)| / k
+    # |top-k(left) & top-k(right)| / k; null when a vector is all zero (a constant model)
+    pa.field("top_k_overlap", pa.float64()),
 ])
 
 
@@ -280,12 +281,19 @@ def explain_block(key: str, model, background: np.ndarray, X: np.ndarray) -> dic
     return {"values": values, "base": base, "output": out, "cpu_s": time.process_time() - c0}
 
 
+_REMOTE_BLOCK = None
+
+
 def submit_blocks(model, background: np.ndarray, blocks: list[np.ndarray], key: str,
                   cpus_per_task: float) -> list:
     """Put the model and background in the object store once; one task per block."""
     import ray
 
-    task = ray.remote(num_cpus=cpus_per_task, max_retries=0)(explain_block)
+    global _REMOTE_BLOCK
+    if _REMOTE_BLOCK is None:  # one remote function per process, exported to the cluster once
+        _REMOTE_BLOCK = ray.remote(explain_block)
+    # A worker that dies is retried (Ray's default); an exception in the block is not.
+    task = _REMOTE_BLOCK.options(num_cpus=cpus_per_task)
     model_ref, bg_ref = ray.put(model), ray.put(background)
     return [task.remote(key, model_ref, bg_ref, X) for X in blocks]
 
@@ -416,12 +424,13 @@ class _Unit:
 
 
 def _importance_rows(units: list[_Unit]) -> list[dict]:
+    from scipy.stats import rankdata
+
     rows = []
     for u in units:
         for cl, mean in u.importance().items():
-            order = np.argsort(-mean, kind="stable")
-            ranks = np.empty(len(mean), int)
-            ranks[order] = np.arange(1, len(mean) + 1)
+            # Tied features share the best rank (a constant model ranks every feature 1).
+            ranks = rankdata(-mean, method="min")
             for j, f in enumerate(u.spec.features):
                 rows.append({"model": u.spec.model, "sampling": u.spec.sampling,
                              "trained_on": u.spec.trained_on, "cluster": cl, "output": u.output,
@@ -442,10 +451,11 @@ def compare(left: dict[str, float], right: dict[str, float], top_k: int) -> dict
             tau, p = float(res.statistic), float(res.pvalue)
     k = min(top_k, len(left), len(right))
 
-    def top(v):
-        return set(sorted(v, key=lambda f: -v[f])[:k])
+    def top(v):  # the k largest, zeros left out: a feature with no effect is in no top-k
+        return {f for f in sorted(v, key=lambda f: -v[f])[:k] if v[f] > 0}
 
-    overlap = len(top(left) & top(right)) / k if k else 0.0
+    a, b = top(left), top(right)
+    overlap = len(a & b) / k if k and a and b else None
     return {"n_features": len(shared), "kendall_tau": tau, "kendall_p": p, "k": k,
             "top_k_overlap": overlap}
 
@@ -509,7 +519,7 @@ def _most_different(comparison: list[dict]) -> dict[str, list[dict]]:
         out.update(found)
     for rows in out.values():
         rows.sort(key=lambda d: (d["kendall_tau"] if d["kendall_tau"] is not None else -1.0,
-                                 d["top_k_overlap"]))
+                                 d["top_k_overlap"] if d["top_k_overlap"] is not None else 0.0))
     return out
 
 

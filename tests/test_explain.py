@@ -13,6 +13,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from pipeline import explain, storage, tables
+from tests.conftest import s3_overrides
 from tests.helpers import tiny_config
 
 FEATURES = [f"p_f{i}" for i in range(6)]
@@ -133,6 +134,7 @@ def test_tables_follow_their_schemas_and_values_add_up(explained):
                      "cluster_models_between_clusters": 6, "cluster_model_vs_global": 4,
                      "cluster_model_vs_global_same_cluster": 4}
     assert comp["top_k_overlap"].between(0, 1).all() and comp["kendall_tau"].between(-1, 1).all()
+    assert comp["top_k_overlap"].notna().all() and comp["kendall_tau"].notna().all()
 
     plots = {i.path.rsplit("/", 1)[-1] for i in storage.list_files(tables.location(cfg, "shap/plots"))}
     assert "top_features__random_forest__none.png" in plots
@@ -163,6 +165,7 @@ def test_planted_feature_ranks_first_in_its_cluster_only(explained):
         assert ranked[0]["kind"] == "cluster_model_vs_global"
 
 
+@pytest.mark.slow
 def test_same_seed_same_values_and_rerun_reuses_blocks(tmp_path, ray_session):
     a = tiny_config(tmp_path / "a", 'explain.models=["random_forest"]')
     b = tiny_config(tmp_path / "b", 'explain.models=["random_forest"]')
@@ -199,7 +202,8 @@ def test_compare_kendall_tau_and_top_k_overlap():
     assert part["n_features"] == 3 and part["kendall_tau"] == pytest.approx(1 / 3)
     assert part["top_k_overlap"] == 0.5  # top-2 {a, b} vs {e, a}
     flat = explain.compare(left, {"a": 0.0, "b": 0.0, "c": 0.0, "d": 0.0}, top_k=2)
-    assert flat["kendall_tau"] is None  # undefined for a constant vector, stored as null
+    # a constant model: tau is undefined and it has no top features; both stored as null
+    assert flat["kendall_tau"] is None and flat["top_k_overlap"] is None
 
 
 def test_additivity_check_raises_naming_model_and_block():
@@ -254,3 +258,19 @@ def test_unknown_model_name_in_config_is_an_error(tmp_path, ray_session):
     write_classify_outputs(cfg, models=("random_forest",), global_only=())
     with pytest.raises(explain.ExplainError, match=r"explain.models names \['svm'\]"):
         explain.run(cfg)
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_runs_against_s3(tmp_path, ray_session, s3_server, s3_bucket):
+    cfg = tiny_config(tmp_path, f"output.root=s3://{s3_bucket}/run", *s3_overrides(s3_server),
+                      'explain.models=["random_forest"]')
+    write_classify_outputs(cfg, models=("random_forest",), global_only=())
+    first = explain.run(cfg)
+    assert first["blocks_computed"] == first["blocks"] == 2 + 4 * 2
+    assert tables.read(cfg, "shap/values").num_rows == 50 + 4 * 40
+    assert tables.read(cfg, "shap/importance").num_rows == (5 + 4) * len(FEATURES)
+    plots = storage.list_files(tables.location(cfg, "shap/plots"))
+    assert len(plots) == first["plots"] > 0
+    again = explain.run(cfg)  # part metadata is read back from S3: nothing recomputed
+    assert again["blocks_reused"] == again["blocks"]
