@@ -604,7 +604,7 @@ def _train_loop(c: dict) -> None:
     for epoch in range(start_epoch, c["epochs"] + 1):
         if c["fail_after_epoch"] is not None and epoch > c["fail_after_epoch"]:
             raise RuntimeError(f"injected failure after epoch {c['fail_after_epoch']}")
-        t0 = time.time()
+        t0, cpu0 = time.time(), time.process_time()
         train_collate.epoch = epoch
         model.train()
         loss_sum, seen, epoch_steps, t_log, seen_log = 0.0, 0, 0, time.time(), 0
@@ -661,8 +661,9 @@ def _train_loop(c: dict) -> None:
         history.append(row)
         if rank == 0:
             log.info("[%s] epoch %d/%d done: train loss %.4f val loss %.4f val mean acc %.4f "
-                     "%.1f img/s %.1f s", STAGE, epoch, c["epochs"], row["train_loss"],
-                     row["val_loss"], row[SCORE], row["images_per_s"], row["seconds"])
+                     "%.1f img/s %.1f s (%.1f s CPU in this worker)", STAGE, epoch, c["epochs"],
+                     row["train_loss"], row["val_loss"], row[SCORE], row["images_per_s"],
+                     row["seconds"], time.process_time() - cpu0)
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:  # one copy of the (replicated) state is enough
