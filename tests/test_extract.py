@@ -145,7 +145,9 @@ def test_bad_images_are_converted_or_recorded(tmp_path, ray_session):
     assert not ok & set(reasons)
     # converted images hold real features, not placeholders
     emb = np.stack(feats["embedding"].to_numpy(zero_copy_only=False))
-    assert np.isfinite(emb).all() and np.unique(emb.round(5), axis=0).shape[0] == feats.num_rows
+    # random-init MobileNetV2 features are tiny (~1e-10): compare directions, not magnitudes
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    assert np.isfinite(unit).all() and np.unique(unit.round(4), axis=0).shape[0] == feats.num_rows
 
 
 def test_decode_image_conversions():
