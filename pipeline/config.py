@@ -163,8 +163,8 @@ class ExtractConfig(_Section):
     # CPUs each decode task requests.
     cpus_per_decode_task: float = Field(default=0.5, gt=0)
     # Rows per output Parquet file; also the unit of resume (one shard = one file). Driver memory
-    # holds about one shard's features (rows_per_file x embedding dim x 4 bytes).
-    rows_per_file: int = Field(default=20000, ge=1)
+    # holds about one shard's features (rows_per_file x embedding dim x 4 bytes: 40 MiB at 5000).
+    rows_per_file: int = Field(default=5000, ge=1)
     # Images whose shorter side is below this many pixels go to errors/ instead of being upscaled.
     min_image_side: int = Field(default=16, ge=1)
     # Concurrent file reads inside one decode task (hides S3 latency; local disk barely needs it).

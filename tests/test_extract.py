@@ -177,7 +177,6 @@ def _equal_tables(a: pa.Table, b: pa.Table) -> None:
     np.testing.assert_allclose(ea, eb, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.slow
 def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, ray_session, monkeypatch):
     cfg = small_cfg(tmp_path, "extract.embedding=attribute_backbone")
     write_tiny_manifest(cfg, n=20)
