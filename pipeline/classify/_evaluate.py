@@ -27,7 +27,7 @@ from fairlearn.metrics import MetricFrame, count
 METRICS: tuple[str, ...] = ("accuracy", "balanced_accuracy", "precision", "recall", "fpr", "f1",
                             "roc_auc", "selection_rate", "base_rate")
 # Gap rows per grouping: "<metric>_gap_difference" (max − min over groups), "<metric>_gap_ratio"
-# (min / max), plus these two fairlearn summaries.
+# (min / max), plus these two fairlearn summaries (tests/report_tables.py imports this name).
 FAIRNESS_GAPS: tuple[str, ...] = ("demographic_parity_difference", "equalized_odds_difference")
 
 
