@@ -548,7 +548,10 @@ def draw_face(attrs: np.ndarray, lm: np.ndarray, p: dict, rng: np.random.Generat
         keep = px ** 2 + (py * 1.0) ** 2 < 1.0
         xs = (cx + px[keep] * (fw - 3)).tolist()
         ys = (ny + 4 + py[keep] * (chin - ny - 6)).tolist()
-        d.point(list(zip(xs, ys)), fill=_rgb(hair, 0.6, 150) if not A["Blond_Hair"] else (90, 80, 70, 150))
+        # Stubble must contrast with the skin, not the hair: dark dots on light skin, light
+        # dots on dark skin (dark hair on dark skin would otherwise vanish).
+        dots = (40, 36, 32, 170) if float(np.mean(skin[:3])) > 110 else (165, 150, 135, 170)
+        d.point(list(zip(xs, ys)), fill=dots)
         d.ellipse((cx - fw + 4, ny, cx + fw - 4, chin - 1), fill=(60, 70, 80, 40))
     beard_c = _rgb(hair, 0.9) if not A["Bald"] else _rgb(HAIR_RGB[HAIR_GRAY], 0.9)
     # No_Beard = False always shows something: a full beard unless a goatee/moustache is drawn.
