@@ -55,6 +55,21 @@ wait_ready() {
   return 1
 }
 
+# wait_resource PIDFILE LOG GCS_ADDRESS RESOURCE: until the cluster lists this node's own marker
+# resource (counting nodes is not enough: a node that just died still shows as active for a while).
+wait_resource() {
+  local pidfile="$1" log="$2" addr="$3" res="$4" deadline=$((SECONDS + ${FACEAUDIT_RAY_START_TIMEOUT:-180}))
+  while (( SECONDS < deadline )); do
+    if ! node_alive "$pidfile"; then
+      echo "error: ray start exited; last lines of $log:" >&2; tail -n 40 "$log" >&2; return 1
+    fi
+    if "$RAY" status --address "$addr" 2>/dev/null | grep -q " $res\b"; then return 0; fi
+    sleep 2
+  done
+  echo "error: the node with resource $res did not join $addr after ${FACEAUDIT_RAY_START_TIMEOUT:-180}s; see $log" >&2
+  return 1
+}
+
 # stop_node DIR NAME: stop the node started from DIR (NAME.pid) and every process that names DIR.
 stop_node() {
   local dir="$1" name="$2" pid
