@@ -704,6 +704,7 @@ def run(cfg: Config) -> dict:
     reused = 0
     blocks_total = 0
     kinds: dict[str, dict] = {}
+    skipped: dict[str, str] = {}  # model label -> why it was not explained (in run.json)
     for spec in specs:
         scope = _scope_mask(cluster_col, has_cluster, spec)
         test_idx = np.flatnonzero(scope & (split == "test"))
@@ -712,8 +713,10 @@ def run(cfg: Config) -> dict:
             raise ExplainError(f"model {spec.label}: no train rows of its scope in "
                                "classifiers/dataset to draw a background from")
         if len(test_idx) == 0:
-            raise ExplainError(f"model {spec.label}: no test rows of its scope in "
-                               "classifiers/dataset to explain")
+            # A small cluster can have train rows and no test rows: nothing to explain there.
+            skipped[spec.label] = "no test rows in its scope"
+            log.warning("[explain] %s skipped: no test rows in its scope", spec.label)
+            continue
         # Shared by every model with the same scope, so their rows and background line up.
         rows = _sample(test_idx, ec.max_rows, cfg.run.seed, "rows", spec.trained_on)
         bg_idx = _sample(train_idx, ec.background_rows, cfg.run.seed, "background",
@@ -817,5 +820,6 @@ def run(cfg: Config) -> dict:
         "plot_seconds": round(time.time() - t_plots, 2),
         "explainers": {label: f"{k['explainer']}/{k['perturbation']}/{k['output']}"
                        for label, k in kinds.items()},
+        "skipped": skipped,
         "most_different_from_global": _most_different(comparison),
     }

@@ -274,3 +274,20 @@ def test_runs_against_s3(tmp_path, ray_session, s3_server, s3_bucket):
     assert len(plots) == first["plots"] > 0
     again = explain.run(cfg)  # part metadata is read back from S3: nothing recomputed
     assert again["blocks_reused"] == again["blocks"]
+
+
+def test_cluster_model_without_test_rows_is_skipped_with_reason(tmp_path, ray_session):
+    cfg = tiny_config(tmp_path, 'explain.models=["random_forest"]')
+    write_classify_outputs(cfg, models=("random_forest",), global_only=())
+    data = tables.read(cfg, "classifiers/dataset")
+    moved = pa.compute.if_else(pa.compute.and_(pa.compute.equal(data["cluster"], 3),
+                                               pa.compute.equal(data["split"], "test")),
+                               "val", data["split"])
+    data = data.set_column(data.schema.get_field_index("split"), "split", moved)
+    tables.replace(cfg, "classifiers/dataset", data, schema=DATASET_SCHEMA)
+    result = explain.run(cfg)
+    assert result["skipped"] == {"random_forest__none__cluster_3": "no test rows in its scope"}
+    values = tables.read(cfg, "shap/values")
+    assert set(values["trained_on"].to_pylist()) == {"global", "cluster_0", "cluster_1",
+                                                     "cluster_2"}
+    assert 3 not in set(values["cluster"].to_pylist())
