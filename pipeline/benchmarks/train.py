@@ -93,7 +93,7 @@ def _baseline(cfg: Config, rows: pa.Table, attributes: list[str], steps: int) ->
 
         def __getitem__(self, i):
             data = storage.read_bytes(storage.filesystem(uris[i], cfg.storage))
-            return decode_image(data, (t.image_size,))[0], labels[i]
+            return np.array(decode_image(data, (t.image_size,))[0]), labels[i]  # writable
 
     gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, "benchmark", "train"))
     loader = DataLoader(Files(), batch_size=t.batch_size, shuffle=True, num_workers=0,
