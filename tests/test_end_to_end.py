@@ -1,0 +1,103 @@
+"""The whole pipeline on a tiny generated sample: every table matches its declared schema,
+the features/errors rows account for every manifest image, and a rerun skips every stage."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import classify, cluster, explain, runlog, tables, train
+from pipeline.extract import features_schema
+from pipeline.run import STAGE_NAMES, run_all
+from pipeline.sample import make_sample
+from pipeline.schemas import ERRORS_SCHEMA, manifest_attributes, manifest_schema
+from tests.helpers import tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+def _schema_of(cfg, name):
+    """The schema of the first file of table ``name`` (every file of a table shares it)."""
+    loc = tables.location(cfg, name)
+    files = tables.storage.parquet_files(loc)
+    assert files, f"table {name} was not written"
+    with loc.fs.open_input_file(files[0]) as f:
+        return pq.read_schema(f)
+
+
+def _same(actual: pa.Schema, expected: pa.Schema, name: str):
+    got = [(f.name, f.type) for f in actual]
+    want = [(f.name, f.type) for f in expected]
+    assert got == want, f"{name}: columns/types differ from the declared schema"
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, ray_session):
+    tmp = tmp_path_factory.mktemp("e2e")
+    make_sample(str(tmp / "data"), 80, seed=3)
+    cfg = tiny_config(tmp, "cluster.k_max=3", "classify.bootstrap=10",
+                      'classify.models=["random_forest", "logistic_regression"]')
+    results = run_all(cfg)
+    return cfg, results
+
+
+def test_every_stage_ran(finished_run):
+    cfg, results = finished_run
+    doc = runlog.load(cfg)
+    assert set(doc["stages"]) == set(STAGE_NAMES)
+    assert {s: r["status"] for s, r in doc["stages"].items()} == {s: "done" for s in STAGE_NAMES}
+    assert tables.storage.exists(tables.location(cfg, "report/index.html"))
+
+
+def test_tables_match_their_declared_schemas(finished_run):
+    cfg, _ = finished_run
+    manifest = tables.read(cfg, "manifest")
+    attrs = manifest_attributes(manifest.schema)
+    _same(manifest.schema, manifest_schema(attrs), "manifest")
+    _same(_schema_of(cfg, "errors"), ERRORS_SCHEMA, "errors")
+
+    feats = _schema_of(cfg, "features")
+    dim = feats.field("embedding").type.list_size
+    _same(feats, features_schema(attrs, dim), "features")
+
+    _same(_schema_of(cfg, "models/attributes/metrics"), train.METRICS_SCHEMA, "attribute metrics")
+    _same(_schema_of(cfg, "models/attributes/history"), train.HISTORY_SCHEMA, "history")
+
+    _same(_schema_of(cfg, "clusters/assignments"), cluster.ASSIGNMENTS_SCHEMA, "assignments")
+    _same(_schema_of(cfg, "clusters/sweep"), cluster.sweep_schema(cfg.cluster.reference_attributes),
+          "sweep")
+    _same(_schema_of(cfg, "clusters/profiles"), cluster.PROFILES_SCHEMA, "profiles")
+    _same(_schema_of(cfg, "clusters/centroid_distances"), cluster.CENTROID_DISTANCES_SCHEMA,
+          "centroid_distances")
+    _same(_schema_of(cfg, "clusters/conditional"), cluster.CONDITIONAL_SCHEMA, "conditional")
+    _same(_schema_of(cfg, "clusters/demographics"), cluster.DEMOGRAPHICS_SCHEMA, "demographics")
+    _same(_schema_of(cfg, "clusters/primary"), cluster.PRIMARY_SCHEMA, "primary")
+
+    models = tables.read(cfg, "classifiers/models")
+    _same(models.schema, classify.MODELS_SCHEMA, "classifier models")
+    _same(_schema_of(cfg, "classifiers/metrics"), classify.METRICS_SCHEMA, "classifier metrics")
+    _same(_schema_of(cfg, "classifiers/predictions"), classify.PREDICTIONS_SCHEMA, "predictions")
+    dataset = _schema_of(cfg, "classifiers/dataset")
+    feature_cols = [n for n in dataset.names if n not in ("image_id", "split", "cluster", "target")]
+    _same(dataset, classify.dataset_schema(feature_cols), "classifier dataset")
+
+    _same(_schema_of(cfg, "shap/importance"), explain.IMPORTANCE_SCHEMA, "shap importance")
+    _same(_schema_of(cfg, "shap/comparison"), explain.COMPARISON_SCHEMA, "shap comparison")
+    values = _schema_of(cfg, "shap/values")
+    _same(values, explain.values_schema(feature_cols), "shap values")
+
+
+def test_every_manifest_image_is_a_feature_row_or_an_error(finished_run):
+    cfg, _ = finished_run
+    manifest = tables.read(cfg, "manifest", columns=["image_id"]).column("image_id").to_pylist()
+    feats = tables.read(cfg, "features", columns=["image_id"]).column("image_id").to_pylist()
+    errs = tables.read_errors(cfg, "extract").column("image_id").to_pylist()
+    assert len(feats) == len(set(feats))
+    assert sorted(feats + errs) == sorted(manifest)
+
+
+def test_rerun_skips_every_complete_stage(finished_run):
+    cfg, _ = finished_run
+    again = run_all(cfg)
+    assert all(r.get("skipped") for r in again.values())
