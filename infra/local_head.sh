@@ -48,31 +48,40 @@ case "$cmd" in
     if [[ ! -s "$DIR/auth_token" ]]; then
       (umask 077; "$PY" -c 'import secrets; print(secrets.token_hex(32), end="")' > "$DIR/auth_token")
     fi
-    read -r GCS DASH CLIENT AGENT_HTTP AGENT_GRPC RTENV METRICS NM OM WMIN WMAX < <(free_ports 9)
-    args=(--head --block --node-ip-address 127.0.0.1 --port "$GCS"
-          --dashboard-host 127.0.0.1 --dashboard-port "$DASH" --include-dashboard true
-          --ray-client-server-port "$CLIENT"
-          --dashboard-agent-listen-port "$AGENT_HTTP" --dashboard-agent-grpc-port "$AGENT_GRPC"
-          --runtime-env-agent-port "$RTENV" --metrics-export-port "$METRICS"
-          --node-manager-port "$NM" --object-manager-port "$OM"
-          --min-worker-port "$WMIN" --max-worker-port "$WMAX"
-          --temp-dir "$DIR/ray" --disable-usage-stats)
-    [[ -n "$NUM_CPUS" ]] && args+=(--num-cpus "$NUM_CPUS")
-    [[ -n "$NUM_GPUS" ]] && args+=(--num-gpus "$NUM_GPUS")
-    [[ -n "$OBJ_MIB" ]] && args+=(--object-store-memory "$((OBJ_MIB * 1024 * 1024))")
     export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$DIR/auth_token"
     unset RAY_AUTH_TOKEN RAY_ADDRESS
-    # setsid: the head and everything it spawns get their own process group (see stop).
-    setsid "$RAY" start "${args[@]}" > "$DIR/head.log" 2>&1 < /dev/null &
-    echo $! > "$DIR/head.pid"
-    cat > "$DIR/env.sh" <<EOF
+    # Ray gives a starting node 30 s (hard-coded) to register with the GCS; on an overloaded
+    # machine that can fail, so a failed start is cleaned up and retried on fresh ports.
+    attempt=1
+    while true; do
+      read -r GCS DASH CLIENT AGENT_HTTP AGENT_GRPC RTENV METRICS NM OM WMIN WMAX < <(free_ports 9)
+      args=(--head --block --node-ip-address 127.0.0.1 --port "$GCS"
+            --dashboard-host 127.0.0.1 --dashboard-port "$DASH" --include-dashboard true
+            --ray-client-server-port "$CLIENT"
+            --dashboard-agent-listen-port "$AGENT_HTTP" --dashboard-agent-grpc-port "$AGENT_GRPC"
+            --runtime-env-agent-port "$RTENV" --metrics-export-port "$METRICS"
+            --node-manager-port "$NM" --object-manager-port "$OM"
+            --min-worker-port "$WMIN" --max-worker-port "$WMAX"
+            --temp-dir "$DIR/ray" --disable-usage-stats)
+      [[ -n "$NUM_CPUS" ]] && args+=(--num-cpus "$NUM_CPUS")
+      [[ -n "$NUM_GPUS" ]] && args+=(--num-gpus "$NUM_GPUS")
+      [[ -n "$OBJ_MIB" ]] && args+=(--object-store-memory "$((OBJ_MIB * 1024 * 1024))")
+      # setsid: the head and everything it spawns get their own process group (see stop).
+      setsid "$RAY" start "${args[@]}" > "$DIR/head.log" 2>&1 < /dev/null &
+      echo $! > "$DIR/head.pid"
+      cat > "$DIR/env.sh" <<EOF
 # source this file to talk to the local head in $DIR
 export RAY_ADDRESS=127.0.0.1:$GCS
 export RAY_API_SERVER_ADDRESS=http://127.0.0.1:$DASH
 export RAY_AUTH_MODE=token
 export RAY_AUTH_TOKEN_PATH=$DIR/auth_token
 EOF
-    wait_ready "$DIR/head.pid" "$DIR/head.log" "127.0.0.1:$GCS" 1
+      if wait_ready "$DIR/head.pid" "$DIR/head.log" "127.0.0.1:$GCS" 1; then break; fi
+      stop_node "$DIR" head > /dev/null
+      (( attempt < ${FACEAUDIT_RAY_START_ATTEMPTS:-3} )) || die "the head did not start (attempt $attempt)"
+      echo "warning: head start attempt $attempt failed; retrying" >&2
+      attempt=$((attempt + 1))
+    done
     echo "ray head up (pid $(cat "$DIR/head.pid"), logs $DIR/head.log, $DIR/ray/session_latest/logs)"
     echo "dashboard: http://127.0.0.1:$DASH   (token: $DIR/auth_token)"
     cat "$DIR/env.sh"

@@ -43,22 +43,30 @@ case "$cmd" in
     fi
     # shellcheck disable=SC1091
     source "$HEAD_DIR/env.sh"   # RAY_ADDRESS + the head's token (RAY_AUTH_MODE, RAY_AUTH_TOKEN_PATH)
-    read -r AGENT_HTTP AGENT_GRPC RTENV METRICS NM OM WMIN WMAX < <(free_ports 6)
-    # A marker resource unique to this node: how we know it (not some other node) has joined.
-    MARK="faceaudit_node_$(basename "$DIR" | tr -c 'A-Za-z0-9_\n' '_')_$$"
-    args=(--address "$RAY_ADDRESS" --block --node-ip-address 127.0.0.1
-          --dashboard-agent-listen-port "$AGENT_HTTP" --dashboard-agent-grpc-port "$AGENT_GRPC"
-          --runtime-env-agent-port "$RTENV" --metrics-export-port "$METRICS"
-          --node-manager-port "$NM" --object-manager-port "$OM"
-          --min-worker-port "$WMIN" --max-worker-port "$WMAX"
-          --temp-dir "$DIR/ray" --disable-usage-stats --resources "{\"$MARK\": 1}")
-    [[ -n "$NUM_CPUS" ]] && args+=(--num-cpus "$NUM_CPUS")
-    [[ -n "$NUM_GPUS" ]] && args+=(--num-gpus "$NUM_GPUS")
-    [[ -n "$OBJ_MIB" ]] && args+=(--object-store-memory "$((OBJ_MIB * 1024 * 1024))")
-    setsid "$RAY" start "${args[@]}" > "$DIR/worker.log" 2>&1 < /dev/null &
-    echo $! > "$DIR/worker.pid"
-    echo "$MARK" > "$DIR/marker"
-    wait_resource "$DIR/worker.pid" "$DIR/worker.log" "$RAY_ADDRESS" "$MARK"
+    # Retried on fresh ports when the node fails to register in time (see local_head.sh).
+    attempt=1
+    while true; do
+      read -r AGENT_HTTP AGENT_GRPC RTENV METRICS NM OM WMIN WMAX < <(free_ports 6)
+      # A marker resource unique to this node: how we know it (not some other node) has joined.
+      MARK="faceaudit_node_$(basename "$DIR" | tr -c 'A-Za-z0-9_\n' '_')_$$"
+      args=(--address "$RAY_ADDRESS" --block --node-ip-address 127.0.0.1
+            --dashboard-agent-listen-port "$AGENT_HTTP" --dashboard-agent-grpc-port "$AGENT_GRPC"
+            --runtime-env-agent-port "$RTENV" --metrics-export-port "$METRICS"
+            --node-manager-port "$NM" --object-manager-port "$OM"
+            --min-worker-port "$WMIN" --max-worker-port "$WMAX"
+            --temp-dir "$DIR/ray" --disable-usage-stats --resources "{\"$MARK\": 1}")
+      [[ -n "$NUM_CPUS" ]] && args+=(--num-cpus "$NUM_CPUS")
+      [[ -n "$NUM_GPUS" ]] && args+=(--num-gpus "$NUM_GPUS")
+      [[ -n "$OBJ_MIB" ]] && args+=(--object-store-memory "$((OBJ_MIB * 1024 * 1024))")
+      setsid "$RAY" start "${args[@]}" > "$DIR/worker.log" 2>&1 < /dev/null &
+      echo $! > "$DIR/worker.pid"
+      echo "$MARK" > "$DIR/marker"
+      if wait_resource "$DIR/worker.pid" "$DIR/worker.log" "$RAY_ADDRESS" "$MARK"; then break; fi
+      stop_node "$DIR" worker > /dev/null
+      (( attempt < ${FACEAUDIT_RAY_START_ATTEMPTS:-3} )) || die "the worker node did not start (attempt $attempt)"
+      echo "warning: worker start attempt $attempt failed; retrying" >&2
+      attempt=$((attempt + 1))
+    done
     echo "ray worker node up (pid $(cat "$DIR/worker.pid"), joined $RAY_ADDRESS as resource $MARK, logs $DIR/worker.log)"
     ;;
   stop)
