@@ -47,15 +47,20 @@ def _children() -> dict[int, list[int]]:
     return kids
 
 
-def _pss_bytes(pid: int) -> int:
+def _pss_bytes(pid: int) -> tuple[int, int]:
+    """(PSS, anonymous PSS) of a process: anonymous excludes the object store's shared memory,
+    whose touched pages stay mapped up to its configured size whatever is live in it."""
+    pss = anon = 0
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:
                 if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
+                    pss = int(line.split()[1]) * 1024
+                elif line.startswith("Pss_Anon:"):
+                    anon = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    return pss, anon
 
 
 class _MemorySampler(threading.Thread):
@@ -65,6 +70,7 @@ class _MemorySampler(threading.Thread):
         super().__init__(daemon=True)
         self.interval_s = interval_s
         self.peak_total = 0
+        self.peak_anon = 0
         self.peak_driver = 0
         self._halt = threading.Event()
 
@@ -77,10 +83,10 @@ class _MemorySampler(threading.Thread):
                 p = todo.pop()
                 pids.append(p)
                 todo.extend(kids.get(p, []))
-            driver = _pss_bytes(me)
-            total = driver + sum(_pss_bytes(p) for p in pids[1:])
-            self.peak_driver = max(self.peak_driver, driver)
-            self.peak_total = max(self.peak_total, total)
+            sizes = [_pss_bytes(p) for p in pids]
+            self.peak_driver = max(self.peak_driver, sizes[0][0])
+            self.peak_total = max(self.peak_total, sum(s[0] for s in sizes))
+            self.peak_anon = max(self.peak_anon, sum(s[1] for s in sizes))
             self._halt.wait(self.interval_s)
 
     def stop(self) -> None:
@@ -219,6 +225,7 @@ def run(cfg, images: int = 0, memory: bool = False, bare_seconds: float = 20.0,
         if sampler:
             out["peak_pss_driver_mib"] = round(sampler.peak_driver / 2**20, 1)
             out["peak_pss_driver_plus_ray_mib"] = round(sampler.peak_total / 2**20, 1)
+            out["peak_anon_pss_driver_plus_ray_mib"] = round(sampler.peak_anon / 2**20, 1)
         for k in ("a_bare_models_images_per_s", "b_pipeline_images_per_s", "ratio_b_over_a"):
             print(f"{k}: {out[k]}")
         return out
