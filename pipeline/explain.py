@@ -273,8 +273,11 @@ def _cached_explainer(key: str, model, background: np.ndarray):
 
 
 def explain_block(key: str, model, background: np.ndarray, X: np.ndarray) -> dict:
-    """The body of one Ray task: SHAP values for one block of one model (``cpu_s``: the CPU
-    seconds the block took in its worker, for the benchmark's efficiency figure)."""
+    """The body of one Ray task: SHAP values for one block of one model.
+
+    ``key`` must identify the model *and* the background: the worker reuses the explainer it
+    built for the same key. ``cpu_s`` is the CPU time the block took in its worker (for the
+    benchmark's efficiency figure)."""
     c0 = time.process_time()
     explainer = _cached_explainer(key, model, background)
     values, base, out = explain_rows(model, explainer, X)
@@ -746,8 +749,9 @@ def run(cfg: Config) -> dict:
             todo_blocks.append(X[idx])
             todo_meta.append((unit, b, idx, part, key))
         if todo_blocks:
-            refs = submit_blocks(model, background, todo_blocks, digest + kind["output"],
-                                 ec.cpus_per_task)
+            # The workers' explainer cache key: this model file with this background.
+            cache_key = hashlib.sha256(digest.encode() + background.tobytes()).hexdigest()
+            refs = submit_blocks(model, background, todo_blocks, cache_key, ec.cpus_per_task)
             pending += [(r, *m) for r, m in zip(refs, todo_meta)]
         log.info("[explain] %s: %d rows in %d blocks (%s, %s), background %d", spec.label,
                  len(rows), -(-len(rows) // ec.block_rows), kind["explainer"], kind["output"],

@@ -232,7 +232,7 @@ def test_explainer_reproduces_each_model_kind():
                 n_estimators=10, random_state=0))}
     for name in ("random_forest", "logistic_regression", "hist_gradient_boosting", *bare):
         model = (bare[name] if name in bare else _estimator(name)).fit(X, y)
-        res = explain.explain_block(name, model, X[:30], X[100:140])
+        res = explain.explain_block(f"test-kinds-{name}", model, X[:30], X[100:140])
         kind = explain.explainer_kind(model)
         assert res["values"].shape == (40, 5)
         explain.check_additivity(res["values"], res["base"], res["output"], 1e-6, name, 0)
