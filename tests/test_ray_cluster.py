@@ -64,8 +64,11 @@ OUTPUTS = {
 }
 STAGE_ORDER = list(OUTPUTS)
 JOB_TIMEOUT_S = 900
-# Seconds between the stage's start (run.json says "running") and the kill.
-KILL_DELAY_S = 5.0
+# When to kill the worker node: this many seconds after this line shows in the job's logs.
+# extract: once its Ray Data pipeline runs (decode tasks and inference actors in flight);
+# classify: once the stage started (its fit tasks follow within seconds).
+KILL_AFTER = {"extract": ("Starting execution of Dataset", 3.0),
+              "classify": ("[classify] starting", 8.0)}
 
 
 def _available_stages() -> list[str]:
@@ -323,24 +326,16 @@ def test_losing_the_worker_node_mid_stage(cluster, sample, reference, stage):
     sid = f"fa-fault-{stage}"
     t0 = time.time()
     cluster.submit(sid, *_job_args(sample, out, "--force", job=f"jobs.{stage}"))
-    # Wait until STAGE is under way, then lose the node: for extract, once its first shard is
-    # committed (so the rest is mid-flight); otherwise KILL_DELAY_S after it started.
+    # Wait until STAGE's work is in flight (its marker line in `ray job logs`), then lose the node.
     deadline = time.time() + JOB_TIMEOUT_S
-    started = None
-    while True:
+    marker, delay = KILL_AFTER[stage]
+    while marker not in cluster.logs(sid):
         assert time.time() < deadline, f"{stage} never got under way"
-        running = _run_json(out)["stages"].get(stage, {}).get("status") == "running"
-        if running and started is None:
-            started = time.time()
-        if running and stage == "extract" and list((out / "features").glob("part-*.parquet")):
-            break
-        if running and stage != "extract" and time.time() - started >= KILL_DELAY_S:
-            break
-        if not running:
-            st = cluster.status(sid)
-            assert st in ("PENDING", "RUNNING"), f"job ended ({st}) before {stage} ran:\n" \
-                                                 f"{cluster.logs(sid)[-5000:]}"
-        time.sleep(0.3)
+        st = cluster.status(sid)
+        assert st in ("PENDING", "RUNNING"), f"job ended ({st}) before {stage} was in flight:\n" \
+                                             f"{cluster.logs(sid)[-5000:]}"
+        time.sleep(0.5)
+    time.sleep(delay)
     committed_at_kill = sorted(p.name for p in (out / OUTPUTS[stage][0]).rglob("*.parquet"))
     victim = cluster.workers[-1]
     killed_at = time.time() - t0
