@@ -73,8 +73,8 @@ wait_resource() {
 # stop_node DIR NAME: stop the node started from DIR (NAME.pid) and every process that names DIR.
 stop_node() {
   local dir="$1" name="$2" pid
-  [[ -d "$dir" ]] || { echo "nothing to stop: $dir does not exist"; return 0; }
-  dir="$(cd "$dir" && pwd)"
+  # A deleted DIR still gets its processes swept (found by DIR in their command lines).
+  if [[ -d "$dir" ]]; then dir="$(cd "$dir" && pwd)"; else dir="$(realpath -m "$dir")"; fi
   if [[ -f "$dir/$name.pid" ]]; then
     pid="$(cat "$dir/$name.pid")"
     # SIGTERM to the `ray start --block` process: it shuts down the raylet, GCS, dashboard...
