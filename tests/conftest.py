@@ -76,6 +76,7 @@ def s3_server(tmp_path_factory):
         "name": "faceaudit", "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
     ports = {k: free_port(10000) for k in ("master", "volume", "filer", "s3")}
+    # Each bucket is a SeaweedFS collection with volumes of its own: allow many small volumes.
     # Every side listener gets its own free port too, so parallel test sessions don't collide.
     side = {k: free_port() for k in ("lance", "iceberg", "iam")}
     log = open(base / "weed.log", "w")
@@ -83,7 +84,7 @@ def s3_server(tmp_path_factory):
         _weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={base}",
         f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
         f"-filer.port={ports['filer']}", "-s3", f"-s3.port={ports['s3']}",
-        f"-s3.config={cfg}", "-master.volumeSizeLimitMB=64", "-volume.max=20",
+        f"-s3.config={cfg}", "-master.volumeSizeLimitMB=32", "-volume.max=400",
         f"-s3.port.lance={side['lance']}", f"-s3.port.iceberg={side['iceberg']}",
         f"-iam.port={side['iam']}",
     ], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
