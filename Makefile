@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The sample the demo runs on: size and seed.
 SAMPLE_DIR ?= data/sample
-SAMPLE_N ?= 1000
+SAMPLE_N ?= 2000
 SAMPLE_SEED ?= 0
 
 .PHONY: install demo test test-fast clean
