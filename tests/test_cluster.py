@@ -250,3 +250,20 @@ def test_bad_config_is_a_clear_error(tmp_path):
         cfg = tiny_config(tmp_path, "cluster.map_method=umap")
         with pytest.raises(ValueError, match="umap-learn"):
             run_cluster(cfg)
+
+
+def test_ward_tasks_reserve_memory_for_their_distance_matrix():
+    import numpy as np
+
+    from pipeline.cluster._fit import SweepSpec
+    from pipeline.cluster._stage import _memory_request
+
+    def spec(algo):
+        fields = {f: None for f in SweepSpec.__dataclass_fields__}
+        fields.update(algorithm=algo, k=3, seed=0)
+        return SweepSpec(**fields)
+
+    big, small = np.arange(20_000), np.arange(1_000)
+    assert _memory_request(spec("agglomerative"), big) == 20_000 ** 2 * 8
+    assert _memory_request(spec("agglomerative"), small) == 0  # below the floor: no reservation
+    assert _memory_request(spec("kmeans"), big) == 0

@@ -92,8 +92,25 @@ def run_sweep(jobs: list[SpaceJob], specs: dict[str, list[SweepSpec]], parallel:
         x_ref = (x_refs or {}).get(j.space.name) or ray.put(j.space.X)
         ref_ref = ray.put(j.references)
         s_ref, sil_ref = ray.put(j.sample_idx), ray.put(j.sil_idx)
-        refs += [task.remote(x_ref, s, s_ref, sil_ref, ref_ref) for s in specs[j.space.name]]
+        for s in specs[j.space.name]:
+            mem = _memory_request(s, j.sample_idx)
+            t = task.options(memory=mem) if mem else task
+            refs.append(t.remote(x_ref, s, s_ref, sil_ref, ref_ref))
     return ray.get(refs)
+
+
+# Below this a task's memory is not worth reserving (Ray's scheduler ignores small footprints).
+_MEMORY_FLOOR = 512 * 1024**2
+
+
+def _memory_request(spec: SweepSpec, sample_idx: np.ndarray | None) -> int:
+    """Bytes to reserve for one sweep task: Ward linkage holds an n x n float64 distance matrix
+    (n = the sample it is fitted on), which is 3.2 GB at 20,000 rows and would otherwise let Ray
+    pack several such tasks on one node and run it out of memory. 0 = no reservation."""
+    if spec.algorithm != "agglomerative" or sample_idx is None:
+        return 0
+    need = int(len(sample_idx)) ** 2 * 8
+    return need if need >= _MEMORY_FLOOR else 0
 
 
 def _map_task(X, idx, method, seed):
