@@ -43,15 +43,30 @@ def run(cfg: Config, steps: int = 20, eval_rows: int = 64) -> dict:
     ensure_ray(cfg)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         stage = _stage(cfg, manifest, steps, eval_rows, tmp)
+    import torch
+
     base = _baseline(cfg, splits["train"], attributes, steps)
     ratio = stage["images_per_s"] / base["images_per_s"]
+    # A second baseline with as many torch threads as the stage's training workers hold CPUs:
+    # the stage reserves the rest of the machine for Ray Data decoding, so this one compares
+    # the same compute budget (the first compares the same machine).
+    all_threads = torch.get_num_threads()
+    same = max(1, int(cfg.train.num_workers * cfg.train.cpus_per_worker))
+    torch.set_num_threads(same)
+    try:
+        base_same = _baseline(cfg, splits["train"], attributes, steps)
+    finally:
+        torch.set_num_threads(all_threads)
+    ratio_same = stage["images_per_s"] / base_same["images_per_s"]
     print(f"train: stage {stage['images_per_s']:.1f} img/s ({cfg.train.num_workers} Ray Train "
           f"worker(s), {cfg.train.cpus_per_worker:g} CPU each) vs plain DataLoader loop "
           f"{base['images_per_s']:.1f} img/s ({base['torch_threads']} torch threads): "
-          f"ratio {ratio:.2f}", flush=True)
+          f"ratio {ratio:.2f}; vs the loop on {same} thread(s) {base_same['images_per_s']:.1f} "
+          f"img/s: ratio {ratio_same:.2f}", flush=True)
     return {"steps": steps, "batch_size": cfg.train.batch_size,
             "image_size": cfg.train.image_size, "stage": stage, "baseline": base,
-            "ratio": round(ratio, 3)}
+            "ratio": round(ratio, 3), "baseline_same_cpus": base_same,
+            "ratio_same_cpus": round(ratio_same, 3)}
 
 
 def _stage(cfg: Config, manifest: pa.Table, steps: int, eval_rows: int, tmp: str) -> dict:
