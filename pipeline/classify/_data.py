@@ -74,6 +74,18 @@ class Inputs:
         return pa.table(cols, schema=dataset_schema(self.feature_names))
 
 
+def _complete_rows(df: pl.DataFrame, cols: list[str], reason: str, nan_is_missing: bool
+                   ) -> tuple[pl.DataFrame, list[dict]]:
+    """Rows of ``df`` with every one of ``cols`` present, cast to float64, and an error row for
+    each dropped image (NaN counts as missing only for float columns: booleans have none)."""
+    missing = [pl.col(x).is_null() | pl.col(x).is_nan() if nan_is_missing else pl.col(x).is_null()
+               for x in cols]
+    bad = df.filter(pl.any_horizontal(missing))
+    errors = [{"image_id": i, "uri": None, "reason": reason} for i in bad["image_id"].to_list()]
+    kept = df.filter(~pl.col("image_id").is_in(bad["image_id"]))
+    return kept.with_columns([pl.col(x).cast(pl.Float64) for x in cols]), errors
+
+
 def _null_errors(df: pl.DataFrame, col: str, reason: str) -> list[dict]:
     bad = df.filter(pl.col(col).is_null())
     return [{"image_id": r["image_id"], "uri": r.get("uri"), "reason": reason}
@@ -132,14 +144,11 @@ def load_inputs(cfg: Config) -> Inputs:
             if not cols:
                 raise ValueError("classify.features has 'semantic' but features/ has no p_* "
                                  "columns besides the target's")
-            df = pl.from_arrow(feats.select(["image_id"] + cols))
-            bad = df.filter(pl.any_horizontal([pl.col(x).is_null() | pl.col(x).is_nan()
-                                               for x in cols]))
-            errors += [{"image_id": i, "uri": None,
-                        "reason": "classify: a predicted attribute is null/NaN"}
-                       for i in bad["image_id"].to_list()]
-            df = df.filter(~pl.col("image_id").is_in(bad["image_id"]))
-            blocks.append(df.with_columns([pl.col(x).cast(pl.Float64) for x in cols]))
+            block, errs = _complete_rows(pl.from_arrow(feats.select(["image_id"] + cols)), cols,
+                                         "classify: a predicted attribute is null/NaN",
+                                         nan_is_missing=True)
+            errors += errs
+            blocks.append(block)
             names += cols
         elif source == "annotations":
             cols = [a for a in labelled if a != target]
@@ -149,13 +158,11 @@ def load_inputs(cfg: Config) -> Inputs:
             if not cols:
                 raise ValueError("classify.features has 'annotations' but the manifest annotates "
                                  "no attribute besides the target")
-            sub = m.select(["image_id"] + cols)
-            bad = sub.filter(pl.any_horizontal([pl.col(x).is_null() for x in cols]))
-            errors += [{"image_id": i, "uri": None,
-                        "reason": "classify: a ground-truth annotation is null"}
-                       for i in bad["image_id"].to_list()]
-            sub = sub.filter(~pl.col("image_id").is_in(bad["image_id"]))
-            blocks.append(sub.with_columns([pl.col(x).cast(pl.Float64) for x in cols]))
+            block, errs = _complete_rows(m.select(["image_id"] + cols), cols,
+                                         "classify: a ground-truth annotation is null",
+                                         nan_is_missing=False)
+            errors += errs
+            blocks.append(block)
             names += cols
         elif source == "embedding":
             emb = feats.select(["image_id", "embedding"])
