@@ -440,7 +440,7 @@ def run(cfg: Config) -> dict:
     feat_loc = tables.location(cfg, "features")
     # temp files of a killed run's unfinished writes (hidden from readers) are garbage now
     for info_ in storage.list_files(feat_loc, recursive=False):
-        if info_.base_name.startswith(".tmp-"):
+        if info_.base_name.startswith(storage.TEMP_PREFIX):
             feat_loc.fs.delete_file(info_.path)
     done = {s for s in (_shard_of(p) for p in storage.parquet_files(feat_loc)) if s is not None}
     todo = [s for s in range(n_shards) if s not in done]

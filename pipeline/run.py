@@ -9,7 +9,9 @@ dependants.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
 import logging
 import time
 from dataclasses import dataclass
@@ -55,14 +57,10 @@ def _available() -> list[Stage]:
 def fingerprints(cfg: Config) -> dict[str, str]:
     """Each stage's fingerprint, chained so upstream changes propagate downstream."""
     out: dict[str, str] = {}
-    upstream = cfg.fingerprint("run")[:0] + str(cfg.run.seed)
+    upstream = str(cfg.run.seed)
     for s in STAGES:
-        fp = cfg.fingerprint(*s.sections)
-        out[s.name] = f"{upstream}|{fp}"
-        import hashlib
-
-        out[s.name] = hashlib.sha256(out[s.name].encode()).hexdigest()[:16]
-        upstream = out[s.name]
+        link = f"{upstream}|{cfg.fingerprint(*s.sections)}"
+        upstream = out[s.name] = hashlib.sha256(link.encode()).hexdigest()[:16]
     return out
 
 

@@ -45,7 +45,6 @@ def _save(cfg: Config, doc: dict[str, Any]) -> None:
     doc["versions"] = versions()
     doc["updated"] = datetime.now(timezone.utc).isoformat()
     storage.write_json(_loc(cfg), doc)
-    storage.write_bytes(tables.root(cfg).join("config.toml"), dump_toml(cfg).encode())
 
 
 def stage_record(cfg: Config, stage: str) -> dict[str, Any] | None:
@@ -70,6 +69,8 @@ def track(cfg: Config, stage: str, fingerprint: str) -> Iterator[dict[str, Any]]
     t0 = time.time()
     update(cfg, stage, status="running", fingerprint=fingerprint,
            started=datetime.now(timezone.utc).isoformat(), error=None)
+    # the config a stage ran with; written once per stage, not on every run.json update
+    storage.write_bytes(tables.root(cfg).join("config.toml"), dump_toml(cfg).encode())
     try:
         yield details
     except BaseException as exc:

@@ -57,6 +57,11 @@ def join_uri(base: str, *parts: str) -> str:
     return os.path.join(base, *parts)
 
 
+# Prefix of the hidden names atomic writes use before the final move; readers skip them and a
+# stage that finds them left by a killed run may delete them.
+TEMP_PREFIX = ".tmp-"
+
+
 def _cfg_key(cfg: StorageConfig | None) -> tuple:
     c = cfg or StorageConfig()
     return (c.endpoint_url, c.region, c.access_key_id, c.secret_access_key, c.anonymous,
@@ -188,7 +193,8 @@ def write_bytes(loc: Location, data: bytes) -> None:
         parent = posixpath.dirname(loc.path)
         loc.fs.create_dir(parent, recursive=True)
         if isinstance(loc.fs, pafs.LocalFileSystem):
-            tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(loc.path)}")
+            tmp = posixpath.join(parent,
+                                 f"{TEMP_PREFIX}{uuid.uuid4().hex}-{posixpath.basename(loc.path)}")
             with loc.fs.open_output_stream(tmp) as f:
                 f.write(data)
             os.replace(tmp, loc.path)
@@ -260,6 +266,19 @@ def parquet_files(loc: Location) -> list[str]:
         if info.path.endswith(".parquet"):
             out.append(info.path)
     return sorted(out)
+
+
+def read_schema(loc: Location) -> pa.Schema | None:
+    """The schema, with its key-value metadata, of a table folder's first visible Parquet file
+    (every file of a table shares it); None when the folder holds no table."""
+    files = parquet_files(loc)
+    if not files:
+        return None
+    try:
+        with loc.fs.open_input_file(files[0]) as f:
+            return pq.read_schema(f)
+    except (OSError, pa.ArrowException) as exc:
+        raise _wrap(loc.uri, exc) from None
 
 
 def read_table(loc: Location, columns: Iterable[str] | None = None,

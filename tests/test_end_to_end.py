@@ -4,7 +4,6 @@ the features/errors rows account for every manifest image, and a rerun skips eve
 from __future__ import annotations
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from pipeline import classify, cluster, explain, runlog, tables, train
@@ -19,11 +18,9 @@ pytestmark = pytest.mark.slow
 
 def _schema_of(cfg, name):
     """The schema of the first file of table ``name`` (every file of a table shares it)."""
-    loc = tables.location(cfg, name)
-    files = tables.storage.parquet_files(loc)
-    assert files, f"table {name} was not written"
-    with loc.fs.open_input_file(files[0]) as f:
-        return pq.read_schema(f)
+    schema = tables.storage.read_schema(tables.location(cfg, name))
+    assert schema is not None, f"table {name} was not written"
+    return schema
 
 
 def _same(actual: pa.Schema, expected: pa.Schema, name: str):

@@ -22,7 +22,6 @@ the returned ``problems``.
 from __future__ import annotations
 
 import logging
-import re
 
 from pipeline import storage
 from pipeline.config import Config
@@ -69,5 +68,6 @@ def _remove_stale_figures(ctx: Context) -> None:
     keep = set(ctx.figures)
     for info in storage.list_files(loc, recursive=False):
         base = info.path.rsplit("/", 1)[-1]
-        if base.endswith(".png") and base not in keep and not re.match(r"^\.tmp-", base):
+        if (base.endswith(".png") and base not in keep
+                and not base.startswith(storage.TEMP_PREFIX)):
             loc.fs.delete_file(info.path)

@@ -16,7 +16,6 @@ import re
 from typing import Callable, Iterable
 
 import pandas as pd
-import pyarrow.parquet as pq
 
 from pipeline import runlog, storage, tables
 from pipeline.config import Config
@@ -123,12 +122,8 @@ class Context:
 
     def table_metadata(self, name: str) -> dict[str, str]:
         """Key-value metadata of a table's first Parquet file (model names, versions ...)."""
-        loc = tables.location(self.cfg, name)
-        files = storage.parquet_files(loc)
-        if not files:
-            return {}
-        with loc.fs.open_input_file(files[0]) as f:
-            md = pq.read_schema(f).metadata or {}
+        schema = storage.read_schema(tables.location(self.cfg, name))
+        md = (schema.metadata if schema is not None else None) or {}
         return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in md.items()
                 if not k.startswith(b"ARROW:") and k != b"pandas"}
 
