@@ -74,7 +74,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import storage, tables
+from pipeline import modelfiles, storage, tables
 from pipeline.config import Config
 from pipeline.seeds import derive_seed
 
@@ -356,23 +356,18 @@ def _read_specs(cfg: Config) -> list[ModelSpec]:
 
 
 def load_model(cfg: Config, spec: ModelSpec) -> tuple[Any, str]:
-    """Load a skops file, trusting only the sklearn/numpy types it names; returns
-    ``(estimator, sha256 of the file)``."""
-    import skops.io as sio
-
-    data = storage.read_bytes(tables.root(cfg).join(*spec.path.split("/")))
-    untrusted = sio.get_untrusted_types(data=data)
-    foreign = [t for t in untrusted if not t.startswith(("sklearn.", "numpy."))]
-    if foreign:
-        raise ExplainError(f"model file {spec.path} contains types outside sklearn/numpy "
-                           f"{foreign}; refusing to load it")
-    model = sio.loads(data, trusted=untrusted)
+    """Load a skops file through :func:`pipeline.modelfiles.load` (classify's exact allow-list;
+    a path leaving the output root is refused); returns ``(estimator, sha256 of the file)``."""
+    try:
+        model, digest = modelfiles.load(cfg, spec.path)
+    except modelfiles.UntrustedModelError as exc:
+        raise ExplainError(f"model {spec.label}: {exc}") from None
     n_in = getattr(model, "n_features_in_", None)
     if n_in is not None and n_in != len(spec.features):
         raise ExplainError(f"model {spec.label} ({spec.path}) was fitted on {n_in} features but "
                            f"classifiers/models lists {len(spec.features)}; the table and the "
                            "model file disagree (rerun classify)")
-    return model, hashlib.sha256(data).hexdigest()
+    return model, digest
 
 
 def _scope_mask(cluster_col: np.ndarray, has_cluster: np.ndarray, spec: ModelSpec) -> np.ndarray:

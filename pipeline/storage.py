@@ -12,10 +12,13 @@ only becomes visible once its upload completes, which gives the same guarantee.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import posixpath
+import re
+import stat
 import uuid
 from dataclasses import dataclass
 from functools import lru_cache
@@ -124,20 +127,39 @@ def fsspec_filesystem(uri: str, cfg: StorageConfig | None = None):
     return fsspec.filesystem("s3", **opts)
 
 
+# pyarrow's S3 errors carry the AWS error code ("AWS Error ACCESS_DENIED during ...", or
+# "AWS Error UNKNOWN (HTTP status 403) ..."); the cause is read from that code, never from
+# words elsewhere in the message (a path such as .../000403.jpg is not a 403).
+_AWS_CODE = re.compile(r"AWS Error ([A-Z_]+)(?: \(HTTP status (\d{3})\))?")
+_DENIED_CODES = {"ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH",
+                 "INVALID_CLIENT_TOKEN_ID", "EXPIRED_TOKEN", "MISSING_AUTHENTICATION_TOKEN"}
+_UNREACHABLE_CODES = {"NETWORK_CONNECTION", "REQUEST_TIMEOUT", "SERVICE_UNAVAILABLE",
+                      "ENDPOINT_RESOLUTION_FAILURE", "SLOW_DOWN", "THROTTLING"}
+_DENIED = "access denied (check the credentials: storage.access_key_id / AWS_* / profile)"
+_UNREACHABLE = "the endpoint is unreachable (check storage.endpoint_url and the network)"
+_NOT_FOUND = "not found (no such bucket, prefix or file)"
+
+
 def describe_error(uri: str, exc: BaseException) -> str:
-    """One line naming the URI and the cause, without the traceback wall."""
-    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    low = str(exc).lower()
-    if "access denied" in low or "access_denied" in low or "invalidaccesskeyid" in low or "signaturedoesnotmatch" in low \
-            or "403" in low or "forbidden" in low:
-        cause = "access denied (check the credentials: storage.access_key_id / AWS_* / profile)"
-    elif "nosuchbucket" in low or "bucket does not exist" in low or "bucket" in low and "not found" in low:
+    """One line naming the URI and the cause, without the traceback wall.
+
+    The cause comes from the exception's type (``PermissionError``, ``FileNotFoundError``,
+    ``TimeoutError`` ...) or the AWS error code / HTTP status pyarrow puts in S3 errors.
+    """
+    text = str(exc).strip()
+    msg = text.splitlines()[0] if text else type(exc).__name__
+    m = _AWS_CODE.search(text)
+    code, status = (m.group(1), m.group(2)) if m else ("", None)
+    if isinstance(exc, PermissionError) or code in _DENIED_CODES or status in ("401", "403"):
+        cause = _DENIED
+    elif code == "NO_SUCH_BUCKET":
         cause = "the bucket does not exist"
-    elif "curl" in low or "connect" in low or "timeout" in low or "timed out" in low \
-            or "resolve" in low:
-        cause = "the endpoint is unreachable (check storage.endpoint_url and the network)"
-    elif isinstance(exc, FileNotFoundError) or "not found" in low or "no such" in low:
-        cause = "not found (no such bucket, prefix or file)"
+    elif isinstance(exc, (TimeoutError, ConnectionError)) or code in _UNREACHABLE_CODES \
+            or (code == "UNKNOWN" and status is None and "curlCode" in text):
+        cause = _UNREACHABLE
+    elif isinstance(exc, (FileNotFoundError, NotADirectoryError)) or code in (
+            "RESOURCE_NOT_FOUND", "NO_SUCH_KEY") or status == "404":
+        cause = _NOT_FOUND
     else:
         cause = msg
     return f"{uri}: {cause}"
@@ -168,13 +190,112 @@ def check_readable(loc: Location) -> None:
         raise _wrap(loc.uri, exc) from None
 
 
-def list_files(loc: Location, recursive: bool = True) -> list[pafs.FileInfo]:
+@dataclass(frozen=True)
+class Skipped:
+    """An entry a listing left out: ``uri`` (non-UTF-8 bytes shown as ``\\xNN``) and why."""
+
+    uri: str
+    reason: str
+
+
+def _printable(path: str) -> str:
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # os.scandir keeps undecodable bytes as lone surrogates
+        return False
+
+
+def _walk_local(root: str, recursive: bool) -> tuple[list[pafs.FileInfo], list[Skipped]]:
+    """Files under ``root`` without leaving it: a symlink is followed only when its target lies
+    inside ``root`` and was not reached before (real paths are deduplicated, so a link loop ends
+    at once); every link not followed and every name that is not UTF-8 is a :class:`Skipped`."""
+    real_root = os.path.realpath(root)
+    files: list[pafs.FileInfo] = []
+    skipped: list[Skipped] = []
+    seen_dirs = {real_root}
+    seen_files: dict[str, str] = {}
+
+    def inside(real: str) -> bool:
+        return real == real_root or real.startswith(real_root.rstrip("/") + "/")
+
+    def visit(folder: str, real_folder: str) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            path = entry.path
+            if not _utf8(entry.name):
+                skipped.append(Skipped(_printable(path), "file name is not valid UTF-8; "
+                                       "rename it to read it"))
+                continue
+            try:
+                is_link = entry.is_symlink()
+                if is_link:
+                    real = os.path.realpath(path)
+                    if not os.path.exists(real):
+                        skipped.append(Skipped(path, "broken symbolic link (its target does "
+                                               "not exist)"))
+                        continue
+                    if not inside(real):
+                        skipped.append(Skipped(path, f"symbolic link to {_printable(real)}, "
+                                               "outside the listed root; not followed"))
+                        continue
+                    st = os.stat(path)
+                else:
+                    real = os.path.join(real_folder, entry.name)
+                    st = entry.stat(follow_symlinks=False)
+            except OSError as exc:
+                skipped.append(Skipped(path, describe_error(path, exc).split(": ", 1)[-1]))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if not recursive:
+                    continue
+                if real in seen_dirs:
+                    skipped.append(Skipped(path, f"symbolic link to {_printable(real)}, a folder "
+                                           "already listed (a loop or a duplicate); not followed"))
+                    continue
+                seen_dirs.add(real)
+                visit(path, real)
+            elif stat.S_ISREG(st.st_mode):
+                if real in seen_files:
+                    skipped.append(Skipped(path, f"symbolic link to a file already listed as "
+                                           f"{seen_files[real]}; not read twice"))
+                    continue
+                seen_files[real] = path
+                files.append(pafs.FileInfo(path, pafs.FileType.File, size=st.st_size,
+                                           mtime_ns=st.st_mtime_ns))
+
+    if os.path.isdir(root):
+        visit(root, real_root)
+    return files, skipped
+
+
+def list_tree(loc: Location, recursive: bool = True) -> tuple[list[pafs.FileInfo], list[Skipped]]:
+    """Files under ``loc`` and the entries left out (see :func:`_walk_local`; S3 has no links).
+
+    A local listing never follows a symlink out of ``loc`` or round a loop."""
+    if isinstance(loc.fs, pafs.LocalFileSystem):
+        try:
+            return _walk_local(loc.path, recursive)
+        except OSError as exc:
+            raise _wrap(loc.uri, exc) from None
     try:
         infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=recursive,
                                                        allow_not_found=True))
     except (OSError, pa.ArrowException) as exc:
         raise _wrap(loc.uri, exc) from None
-    return [i for i in infos if i.type == pafs.FileType.File]
+    return [i for i in infos if i.type == pafs.FileType.File], []
+
+
+def list_files(loc: Location, recursive: bool = True) -> list[pafs.FileInfo]:
+    """Files under ``loc`` (:func:`list_tree` without the skipped entries)."""
+    return list_tree(loc, recursive)[0]
 
 
 def read_bytes(loc: Location) -> bytes:
@@ -195,9 +316,14 @@ def write_bytes(loc: Location, data: bytes) -> None:
         if isinstance(loc.fs, pafs.LocalFileSystem):
             tmp = posixpath.join(parent,
                                  f"{TEMP_PREFIX}{uuid.uuid4().hex}-{posixpath.basename(loc.path)}")
-            with loc.fs.open_output_stream(tmp) as f:
-                f.write(data)
-            os.replace(tmp, loc.path)
+            try:
+                with loc.fs.open_output_stream(tmp) as f:
+                    f.write(data)
+                os.replace(tmp, loc.path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)  # a failed write or move leaves no hidden temp file behind
+                raise
         else:
             with loc.fs.open_output_stream(loc.path) as f:
                 f.write(data)

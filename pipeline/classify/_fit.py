@@ -17,9 +17,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pipeline import storage
+from pipeline import modelfiles, storage
 from pipeline.classify._sampling import SamplingError, proportions, undersample
 from pipeline.config import Config
+from pipeline.modelfiles import TRUSTED_TYPES  # noqa: F401 - re-exported by classify
 from pipeline.seeds import derive_seed
 
 MODEL_NAMES: tuple[str, ...] = ("random_forest", "logistic_regression", "hist_gradient_boosting")
@@ -33,12 +34,6 @@ DEFAULT_PARAMS: dict[str, dict] = {
     # early stopping uses an internal 10 % split of the (already sampled) training rows.
     "hist_gradient_boosting": {"max_iter": 200, "learning_rate": 0.1, "early_stopping": "auto"},
 }
-
-# Types skops may rebuild beyond its built-in safe set; anything else in a file is refused.
-TRUSTED_TYPES: tuple[str, ...] = (
-    "sklearn.tree._tree.Tree",
-    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
-)
 
 # Split codes in the shared arrays.
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
@@ -193,16 +188,7 @@ def fit_one(data: dict, spec: FitSpec, cfg: Config, out_root: str) -> FitResult:
 def load_model(cfg: Config, path: str, out_root: str | None = None) -> Pipeline:
     """Load a saved classifier (``path`` relative to the output root) without running code.
 
-    Only skops' built-in safe types and :data:`TRUSTED_TYPES` are rebuilt; a file needing any
-    other type is refused with the type named.
+    Goes through :func:`pipeline.modelfiles.load`: only skops' built-in safe types and
+    :data:`TRUSTED_TYPES` are rebuilt, and a path leaving the output root is refused.
     """
-    loc = storage.filesystem(out_root or cfg.output.root, cfg.storage).join(*path.split("/"))
-    blob = storage.read_bytes(loc)
-    untrusted = sio.get_untrusted_types(data=blob)
-    unexpected = sorted(set(untrusted) - set(TRUSTED_TYPES))
-    if unexpected:
-        raise ValueError(f"{loc.uri}: refusing to load types {unexpected} (not in "
-                         "pipeline.classify.TRUSTED_TYPES)")
-    return sio.loads(blob, trusted=list(untrusted))
-
-
+    return modelfiles.load(cfg, path, out_root)[0]
