@@ -48,6 +48,12 @@ class DataConfig(_Section):
     split_fractions: tuple[float, float] = (0.8, 0.1)
     # Keep a seeded random subset of N images (splits keep their proportions); 0 keeps all.
     limit: int = Field(default=0, ge=0)
+    # Largest image accepted, in pixels (width x height, read from the file header before any
+    # decoding); larger ones are an errors row. 40 M is far above any face photo (8K is 33 M).
+    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    # Largest image file accepted, in bytes (from the listing, before any read); larger ones
+    # are an errors row. 50 MB is far above any face photo.
+    max_image_bytes: int = Field(default=50_000_000, ge=1)
 
 
 class OutputConfig(_Section):

@@ -37,7 +37,6 @@ the driver holds at most the shards in flight (about one ``rows_per_file`` worth
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -47,7 +46,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import storage, tables
-from pipeline.config import Config, StorageConfig
+from pipeline.config import Config, DataConfig, StorageConfig
+from pipeline.images import ImageRejected, open_limited, read_limited
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +86,15 @@ class BadImage(ValueError):
     """An input that cannot be used; the message is the errors/ reason."""
 
 
-def decode_image(data: bytes | None, sizes: tuple[int, ...], min_side: int = 16
-                 ) -> list[np.ndarray]:
+def decode_image(data: bytes | None, sizes: tuple[int, ...], min_side: int = 16,
+                 max_pixels: int = DataConfig().max_image_pixels) -> list[np.ndarray]:
     """Decode any image PIL reads into RGB uint8 arrays, one per square ``size``.
 
     Grayscale, CMYK, palette and alpha images are converted to RGB; a PNG (or any other format)
     named ``.jpg`` is decoded by its content. The image is centre-cropped to a square, then
     resized, so faces keep their aspect ratio whatever the source size. Raises :class:`BadImage`
-    for empty, truncated, corrupt or too small files.
+    for empty, truncated, corrupt, too small or too large (``max_pixels``, checked on the
+    header before decoding) files.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -102,7 +103,7 @@ def decode_image(data: bytes | None, sizes: tuple[int, ...], min_side: int = 16
     if len(data) == 0:
         raise BadImage("empty file (0 bytes)")
     try:
-        im = Image.open(io.BytesIO(data))
+        im = open_limited(data, max_pixels)
         w, h = im.size
         if min(w, h) < min_side:
             raise BadImage(f"image too small: {w}x{h} px (extract.min_image_side = {min_side})")
@@ -128,6 +129,8 @@ def decode_image(data: bytes | None, sizes: tuple[int, ...], min_side: int = 16
                 for n in sizes]
     except BadImage:
         raise
+    except ImageRejected as exc:
+        raise BadImage(str(exc)) from None
     except UnidentifiedImageError:
         raise BadImage("not an image (unknown or corrupt format)") from None
     except Image.DecompressionBombError as exc:
@@ -136,40 +139,39 @@ def decode_image(data: bytes | None, sizes: tuple[int, ...], min_side: int = 16
         raise BadImage(f"corrupt or truncated image: {exc}") from None
 
 
-def _read_one(uri: str, storage_cfg: StorageConfig) -> tuple[bytes | None, str | None]:
+def _read_one(uri: str, storage_cfg: StorageConfig, max_bytes: int
+              ) -> tuple[bytes | None, str | None]:
     try:
-        loc = storage.filesystem(uri, storage_cfg)
-        with loc.fs.open_input_stream(loc.path) as f:
-            return f.read(), None
-    except FileNotFoundError:
-        return None, "missing file"
-    except (OSError, pa.ArrowException) as exc:
-        low = str(exc).lower()
-        if "not found" in low or "no such file" in low or "does not exist" in low:
-            return None, "missing file"
-        return None, f"unreadable: {storage.describe_error(uri, exc)}"
+        return read_limited(uri, storage_cfg, max_bytes), None
+    except ImageRejected as exc:
+        return None, str(exc)
 
 
 def _decode_block(block: pa.Table, *, storage_cfg: StorageConfig, sizes: tuple[int, ...],
-                  min_side: int, read_threads: int) -> pa.Table:
+                  min_side: int, read_threads: int, max_pixels: int = DataConfig().max_image_pixels,
+                  max_bytes: int = DataConfig().max_image_bytes) -> pa.Table:
     """Read and decode one block of manifest rows (a CPU task); never raises for a bad image."""
     uris = block.column("uri").to_pylist()
-    # reads are I/O: threads overlap S3 round trips; decoding stays on this task's one core
-    with ThreadPoolExecutor(max_workers=min(read_threads, max(1, len(uris)))) as pool:
-        read = list(pool.map(lambda u: _read_one(u, storage_cfg), uris))
     errors: list[str | None] = []
     pixels: list[list[bytes | None]] = [[] for _ in sizes]
-    for data, read_err in read:
-        err = read_err
-        arrays = None
-        if err is None:
-            try:
-                arrays = decode_image(data, sizes, min_side)
-            except BadImage as exc:
-                err = str(exc)
-        errors.append(err)
-        for i in range(len(sizes)):
-            pixels[i].append(arrays[i].tobytes() if arrays is not None else None)
+    # reads are I/O: threads overlap S3 round trips; decoding stays on this task's one core.
+    # At most read_threads files' bytes are held at once (each <= data.max_image_bytes).
+    with ThreadPoolExecutor(max_workers=min(read_threads, max(1, len(uris)))) as pool:
+        for start in range(0, len(uris), read_threads):
+            window = uris[start:start + read_threads]
+            for data, read_err in pool.map(lambda u: _read_one(u, storage_cfg, max_bytes),
+                                           window):
+                err = read_err
+                arrays = None
+                if err is None:
+                    try:
+                        arrays = decode_image(data, sizes, min_side, max_pixels)
+                    except BadImage as exc:
+                        err = str(exc)
+                del data
+                errors.append(err)
+                for i in range(len(sizes)):
+                    pixels[i].append(arrays[i].tobytes() if arrays is not None else None)
     out = block.select(["image_id", "uri", "shard"])
     out = out.append_column("error", pa.array(errors, pa.string()))
     for n, col in zip(sizes, pixels):
@@ -409,7 +411,8 @@ def run(cfg: Config) -> dict:
     schema = features_schema(list(info.attributes), emb.dim)
 
     fingerprint = _digest(FEATURES_FORMAT, _manifest_digest(manifest), model_sha, emb.name,
-                          emb.version, sizes, e.rows_per_file, e.min_image_side)
+                          emb.version, sizes, e.rows_per_file, e.min_image_side,
+                          cfg.data.max_image_pixels, cfg.data.max_image_bytes)
     metadata = {
         "faceaudit.features_format": FEATURES_FORMAT,
         "faceaudit.attribute_model": info.arch,
@@ -467,7 +470,9 @@ def run(cfg: Config) -> dict:
             _decode_block, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
             num_cpus=e.cpus_per_decode_task,
             fn_kwargs={"storage_cfg": cfg.storage, "sizes": sizes,
-                       "min_side": e.min_image_side, "read_threads": e.read_threads})
+                       "min_side": e.min_image_side, "read_threads": e.read_threads,
+                       "max_pixels": cfg.data.max_image_pixels,
+                       "max_bytes": cfg.data.max_image_bytes})
         ds = ds.map_batches(
             _Infer, batch_format="pyarrow", batch_size=e.batch_size, zero_copy_batch=True,
             compute=ray.data.ActorPoolStrategy(min_size=e.min_actors, max_size=e.max_actors),

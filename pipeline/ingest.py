@@ -62,6 +62,9 @@ CELEBA_IMAGE_DIRS = ("img_align_celeba/img_align_celeba", "img_align_celeba",
 # UTKFace: "[age]_[gender]_[race]_[date&time].jpg.chip.jpg"; gender 0 male / 1 female,
 # race 0 white / 1 black / 2 asian / 3 indian / 4 others.
 UTK_PATTERN = r"^(\d{1,3})_([01])_([0-4])_(\d+)(?:\.jpg\.chip)?\.jpg$"
+# What is still read (with a warning row): a stray space before the extension, a missing dot
+# ("...357jpg.chip.jpg"), a missing race field ("39_1_2017....jpg.chip.jpg": race null).
+UTK_LENIENT = r"^(\d{1,3})_([01])_(?:([0-4])_)?(\d+)\s*\.?(?:jpg\.chip\.)?jpg$"
 UTK_RACES = ("white", "black", "asian", "indian", "others")
 UTK_MAX_AGE = 120
 UTK_YOUNG_BELOW = 35  # UTKFace has ages, CelebA a "Young" flag: Young = age < 35 (our rule)
@@ -90,11 +93,43 @@ class Parsed:
 # Parsing
 
 
-def _lines(data: bytes, uri: str) -> list[str]:
+def _lines(data: bytes, uri: str) -> tuple[list[str], list[dict]]:
+    """The file's lines, and one errors row per line that is not UTF-8 (left out as blank)."""
     try:
-        return data.decode("utf-8-sig").splitlines()  # -sig: tolerate a BOM; splitlines: CRLF too
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{uri}: not a UTF-8 text file ({exc})") from None
+        return data.decode("utf-8-sig").splitlines(), []  # -sig: a BOM; splitlines: CRLF too
+    except UnicodeDecodeError:
+        pass
+    name = posixpath.basename(uri)
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    lines, errors = [], []
+    for i, raw in enumerate(data.split(b"\n")):
+        try:
+            lines.append(raw.decode("utf-8").rstrip("\r"))
+        except UnicodeDecodeError as exc:
+            lines.append("")  # keeps the numbering; a blank line is no row
+            errors.append({"image_id": None, "uri": uri,
+                           "reason": f"{name} line {i + 1}: not valid UTF-8 (byte "
+                                     f"{raw[exc.start:exc.start + 1]!r} at column "
+                                     f"{exc.start + 1}); line left out"})
+    if not any(x.strip() for x in lines):
+        raise ValueError(f"{uri}: not a UTF-8 text file (no line decodes as UTF-8)")
+    return lines, errors
+
+
+# Names an annotation column may not take: the manifest's own columns and the parser's working
+# columns (a header naming one would overwrite it or collide with it).
+RESERVED_COLUMNS = frozenset(
+    {f.name for f in manifest_schema([])} | {"path", "size", "line", "rel", "sub", "raw", "tok",
+                                             "n", "m"})
+
+
+def _check_names(names: list[str], uri: str) -> None:
+    bad = [c for c in names if c in RESERVED_COLUMNS or c.startswith("_")]
+    if bad:
+        raise ValueError(f"{uri}: header column(s) {bad} use a reserved name (the manifest's own "
+                         f"columns {sorted(RESERVED_COLUMNS)} and names starting with '_'); "
+                         "rename them in the file")
 
 
 def _squeeze_spaces(s: pl.Series) -> pl.Series:
@@ -120,8 +155,8 @@ def parse_annotation(data: bytes, uri: str, *, csv: bool, count_line: bool, head
     none). ``kind``: ``pm1`` values must be 1 / -1 (become booleans), ``int`` must be integers.
     """
     name = posixpath.basename(uri)
-    lines = _lines(data, uri)
-    pos, errors = 0, []
+    lines, errors = _lines(data, uri)
+    pos = 0
     # Skip leading blank lines so a stray empty first line does not shift the header.
     while pos < len(lines) and not lines[pos].strip():
         pos += 1
@@ -135,17 +170,30 @@ def parse_annotation(data: bytes, uri: str, *, csv: bool, count_line: bool, head
             errors.append({"image_id": None, "uri": uri,
                            "reason": f"{name} line {pos + 1}: expected the image count, found "
                                      f"{first[:40]!r}; reading on without it"})
+        while pos < len(lines) and not lines[pos].strip():  # blank lines before the header
+            pos += 1
+    keep_pos: list[int] | None = None  # value positions kept (None: all)
     if header:
         if pos >= len(lines):
             raise ValueError(f"{uri}: empty file (expected a header line of column names)")
-        tokens = lines[pos].replace(",", " ").split() if csv else lines[pos].split()
+        tokens = [t.strip() for t in lines[pos].split(",")] if csv else lines[pos].split()
         pos += 1
         if csv:
             if not tokens or tokens[0] != "image_id":
                 raise ValueError(f"{uri}: expected a CSV header starting with 'image_id', found "
                                  f"{lines[pos - 1][:60]!r}")
             tokens = tokens[1:]
-        names = tokens
+            empty = [i for i, t in enumerate(tokens) if not t]
+            if empty:
+                # a column without a name cannot be used; its values are skipped, the rest kept
+                errors.append({"image_id": None, "uri": uri, "reason":
+                               f"{name} line {pos}: header field(s) {[i + 2 for i in empty]} "
+                               "are empty; those columns are left out"})
+                keep_pos = [i for i, t in enumerate(tokens) if t]
+        n_fields = len(tokens)
+        names = [t for t in tokens if t]
+        if columns is None:
+            _check_names(names, uri)
         if columns is not None and names != list(columns):
             raise ValueError(f"{uri}: expected columns {list(columns)}, found {names}")
         dup = sorted({c for c in names if names.count(c) > 1})
@@ -155,6 +203,7 @@ def parse_annotation(data: bytes, uri: str, *, csv: bool, count_line: bool, head
         if columns is None:
             raise ValueError("parse_annotation needs `columns` when the file has no header")
         names = list(columns)
+        n_fields = len(names)
     if not names:
         raise ValueError(f"{uri}: no value columns in the header")
 
@@ -172,7 +221,8 @@ def parse_annotation(data: bytes, uri: str, *, csv: bool, count_line: bool, head
     else:
         body = body.with_columns(_squeeze_spaces(body["raw"]).str.split(" ").alias("tok"))
     body = body.with_columns(pl.col("tok").list.len().alias("n"))
-    want = len(names) + 1
+    want = n_fields + 1
+    positions = keep_pos if keep_pos is not None else list(range(len(names)))
     bad_n = body.filter(pl.col("n") != want)
     err_frames = [pl.DataFrame(errors, schema=_ERR_COLS)] if errors else []
     if bad_n.height:
@@ -183,7 +233,8 @@ def parse_annotation(data: bytes, uri: str, *, csv: bool, count_line: bool, head
                       pl.col("n")).alias("reason")))
     good = body.filter(pl.col("n") == want).select(
         pl.col("tok").list.get(0).str.strip_chars().alias("image_id"), "line",
-        *[pl.col("tok").list.get(i + 1).str.strip_chars().alias(c) for i, c in enumerate(names)])
+        *[pl.col("tok").list.get(i + 1).str.strip_chars().alias(c)
+          for i, c in zip(positions, names)])
 
     # Values: find the first bad value of each row (one vectorised pass per column).
     if kind == "pm1":
@@ -230,13 +281,21 @@ def parse_annotation(data: bytes, uri: str, *, csv: bool, count_line: bool, head
 
 def list_root(root: storage.Location) -> pl.DataFrame:
     """One recursive listing of the root: ``rel`` (posix path under root), ``path``, ``size``."""
-    infos = storage.list_files(root, recursive=True)
+    return _list(root)[0]
+
+
+def _list(root: storage.Location) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The listing and one errors row per entry it left out (a symlink out of the root or round
+    a loop, a broken link, a name that is not UTF-8; see :func:`storage.list_tree`)."""
+    infos, skipped = storage.list_tree(root, recursive=True)
+    errs = pl.DataFrame({"image_id": [None] * len(skipped), "uri": [k.uri for k in skipped],
+                         "reason": [f"not listed: {k.reason}" for k in skipped]}, schema=_ERR_COLS)
     base = root.path.rstrip("/") + "/"
     rel = [i.path[len(base):] if i.path.startswith(base) else posixpath.relpath(i.path, root.path)
            for i in infos]
     return pl.DataFrame({"rel": rel, "path": [i.path for i in infos],
                          "size": [i.size for i in infos]},
-                        schema={"rel": pl.Utf8, "path": pl.Utf8, "size": pl.Int64})
+                        schema={"rel": pl.Utf8, "path": pl.Utf8, "size": pl.Int64}), errs
 
 
 def _uri_expr(root: storage.Location) -> pl.Expr:
@@ -261,12 +320,19 @@ def _images(listing: pl.DataFrame, under: str | None, depth: int | None) -> pl.D
     return df
 
 
-def _zero_byte_errors(images: pl.DataFrame, root: storage.Location) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Split off zero-byte files (an interrupted copy) as errors."""
+def _zero_byte_errors(images: pl.DataFrame, root: storage.Location,
+                      max_bytes: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Split off zero-byte files (an interrupted copy) and files over ``data.max_image_bytes``
+    (sizes from the listing: nothing is read) as errors."""
     zero = images.filter(pl.col("size") == 0)
-    errs = zero.select("image_id", _uri_expr(root),
-                       pl.lit("zero-byte file (empty image; re-copy it)").alias("reason"))
-    return images.filter(pl.col("size") != 0), errs
+    big = images.filter(pl.col("size") > max_bytes)
+    errs = pl.concat([
+        zero.select("image_id", _uri_expr(root),
+                    pl.lit("zero-byte file (empty image; re-copy it)").alias("reason")),
+        big.select("image_id", _uri_expr(root),
+                   pl.format("file too large: {} bytes, over data.max_image_bytes = {}",
+                             pl.col("size"), pl.lit(max_bytes)).alias("reason"))])
+    return images.filter((pl.col("size") != 0) & (pl.col("size") <= max_bytes)), errs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,7 +420,8 @@ def _celeba(cfg: Config, root: storage.Location, listing: pl.DataFrame):
         errs.append(unannotated.select(
             "image_id", _uri_expr(root),
             pl.lit(f"image has no row in {attr_name} (not annotated)").alias("reason")))
-    imgs, zero = _zero_byte_errors(imgs.join(ann.select("image_id"), on="image_id", how="semi"), root)
+    imgs, zero = _zero_byte_errors(imgs.join(ann.select("image_id"), on="image_id", how="semi"),
+                                   root, cfg.data.max_image_bytes)
     errs.append(zero)
     df = ann.join(imgs, on="image_id", how="inner")
 
@@ -421,11 +488,21 @@ def _utkface(cfg: Config, root: storage.Location, listing: pl.DataFrame):
     if imgs.height == 0:
         raise ValueError(f"{root.uri}: no UTKFace images found (expected "
                          f"age_gender_race_date.jpg.chip.jpg files under UTKFace/ or the root)")
-    imgs, zero = _zero_byte_errors(imgs, root)
+    imgs, zero = _zero_byte_errors(imgs, root, cfg.data.max_image_bytes)
     errs = [zero]
-    parts = imgs.with_columns(pl.col("image_id").str.extract_groups(UTK_PATTERN).alias("m")).unnest("m")
+    parts = imgs.with_columns(
+        pl.col("image_id").str.contains(UTK_PATTERN).alias("_strict"),
+        pl.col("image_id").str.extract_groups(UTK_LENIENT).alias("m")).unnest("m")
     parts = parts.rename({"1": "age", "2": "g", "3": "r", "4": "date"})
     parts = parts.with_columns(pl.col("age").cast(pl.Int64, strict=False))
+    odd = parts.filter(~pl.col("_strict") & pl.col("age").is_not_null()
+                       & (pl.col("age") <= UTK_MAX_AGE))
+    if odd.height:  # read, but said: a stray space / missing dot / missing race field
+        errs.append(odd.select("image_id", _uri_expr(root), pl.when(pl.col("r").is_null()).then(
+            pl.lit("warning: UTKFace file name has no race field; age and gender read from it, "
+                   "race left null (image kept)")).otherwise(
+            pl.lit("warning: irregular UTKFace file name (a stray space or missing dot); "
+                   "labels read from it (image kept)")).alias("reason")))
     bad = parts.filter(pl.col("age").is_null() | (pl.col("age") > UTK_MAX_AGE))
     if bad.height:
         errs.append(bad.select("image_id", _uri_expr(root), pl.lit(
@@ -435,7 +512,8 @@ def _utkface(cfg: Config, root: storage.Location, listing: pl.DataFrame):
     df = df.with_columns(
         pl.col("age").cast(pl.Int16),
         pl.col("g").replace_strict(["0", "1"], ["male", "female"]).alias("gender"),
-        pl.col("r").replace_strict([str(i) for i in range(5)], list(UTK_RACES)).alias("race"),
+        pl.col("r").replace_strict([str(i) for i in range(5)], list(UTK_RACES),
+                                   default=None).alias("race"),
         (pl.col("g") == "0").alias("Male"),
         (pl.col("age") < UTK_YOUNG_BELOW).alias("Young"),
     )
@@ -463,9 +541,14 @@ def _lfw(cfg: Config, root: storage.Location, listing: pl.DataFrame):
     imgs = _images(listing, under, depth=2)
     if imgs.height == 0:
         raise ValueError(f"{root.uri}: no LFW images found (expected lfw/<Person>/<Person>_0001.jpg)")
+    stray = _images(listing, under, depth=None).join(imgs.select("path"), on="path", how="anti")
+    stray_errs = stray.select(pl.lit(None, pl.Utf8).alias("image_id"), _uri_expr(root), pl.lit(
+        "LFW image not in a <person>/ folder directly under the root (at the top level or "
+        "nested deeper); no person to assign, left out").alias("reason"))
     imgs = imgs.with_columns(pl.col("sub").str.split("/").alias("_p")).with_columns(
         pl.col("_p").list.first().alias("person"), pl.col("_p").list.last().alias("image_id"))
-    imgs, zero = _zero_byte_errors(imgs.select("image_id", "person", "path", "size"), root)
+    imgs, zero = _zero_byte_errors(imgs.select("image_id", "person", "path", "size"), root,
+                                   cfg.data.max_image_bytes)
     df, dup_errs = _dedupe_ids(imgs, root)
     people = df.group_by("person").len().sort("person")
     person_ids = people["person"].to_numpy()
@@ -475,7 +558,7 @@ def _lfw(cfg: Config, root: storage.Location, listing: pl.DataFrame):
                            "identity": np.arange(1, len(person_ids) + 1, dtype=np.int32)},
                           schema={"person": pl.Utf8, "split": pl.Utf8, "identity": pl.Int32})
     df = df.join(lookup, on="person", how="left")
-    return df, [zero, dup_errs], [], {"files": {"images": (under or ".") + "/"},
+    return df, [stray_errs, zero, dup_errs], [], {"files": {"images": (under or ".") + "/"},
                                       "split_source": "seeded by person", "people": len(person_ids)}
 
 
@@ -485,7 +568,7 @@ def _folder(cfg: Config, root: storage.Location, listing: pl.DataFrame):
         raise ValueError(f"{root.uri}: no images (.jpg, .jpeg, .png) found")
     # The relative path is the id: file names alone need not be unique across sub-folders.
     imgs = imgs.with_columns(pl.col("sub").alias("image_id")).select("image_id", "path", "size")
-    imgs, zero = _zero_byte_errors(imgs, root)
+    imgs, zero = _zero_byte_errors(imgs, root, cfg.data.max_image_bytes)
     df = imgs.sort("image_id")
     keys = df["image_id"].to_numpy()
     df = df.with_columns(pl.Series("split", seeded_splits(
@@ -503,10 +586,12 @@ ADAPTERS = {"celeba": _celeba, "utkface": _utkface, "lfw": _lfw, "folder": _fold
 def _build(cfg: Config, listing: pl.DataFrame | None = None) -> tuple[pa.Table, pa.Table, dict]:
     """Manifest and errors tables for ``cfg`` (``listing`` replaces the storage listing; benchmark)."""
     root = storage.filesystem(cfg.data.root, cfg.storage)
+    skipped = _no_errors()
     if listing is None:
         storage.check_readable(root)  # bad endpoint / bucket / keys: one line, before any work
-        listing = list_root(root)
+        listing, skipped = _list(root)
     df, err_frames, attributes, details = ADAPTERS[cfg.data.dataset](cfg, root, listing)
+    err_frames = [skipped, *err_frames]
     schema = manifest_schema(attributes)
     df = df.with_columns(_uri_expr(root), pl.lit(cfg.data.dataset).alias("dataset"))
     missing = [f for f in schema if f.name not in df.columns]

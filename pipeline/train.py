@@ -340,21 +340,20 @@ def _image_dataset(cfg: Config, rows: pa.Table, attributes: list[str], error_log
         _decode_batch, batch_format="pyarrow", batch_size=None,
         num_cpus=cfg.train.decode_cpus,
         fn_kwargs={"size": cfg.train.image_size, "attributes": attributes,
-                   "storage_cfg": cfg.storage, "error_log": error_log})
-
-
-def _read_one(uri: str, storage_cfg) -> bytes:
-    return storage.read_bytes(storage.filesystem(uri, storage_cfg))
+                   "storage_cfg": cfg.storage, "error_log": error_log,
+                   "max_pixels": cfg.data.max_image_pixels,
+                   "max_bytes": cfg.data.max_image_bytes})
 
 
 def _decode_batch(batch: pa.Table, *, size: int, attributes: list[str], storage_cfg,
-                  error_log) -> dict[str, np.ndarray]:
+                  error_log, max_pixels: int, max_bytes: int) -> dict[str, np.ndarray]:
     """Manifest rows -> decoded images; unusable images go to the error log, not downstream."""
     import ray
 
     # the extract stage's decoder: the model must see at training time exactly the pixels it
     # will be given at extraction time (centre square crop, bilinear resize, any mode -> RGB)
     from pipeline.extract import decode_image
+    from pipeline.images import read_limited
 
     ids = batch["image_id"].to_pylist()
     uris = batch["uri"].to_pylist()
@@ -363,12 +362,14 @@ def _decode_batch(batch: pa.Table, *, size: int, attributes: list[str], storage_
 
     def load(uri: str):
         try:
-            return decode_image(_read_one(uri, storage_cfg), (size,))[0], None
+            return decode_image(read_limited(uri, storage_cfg, max_bytes), (size,),
+                                max_pixels=max_pixels)[0], None
         except Exception as exc:  # noqa: BLE001 -- any unreadable image becomes an error row
             return None, f"cannot read/decode image: {exc}"[:500]
 
     # Reading is I/O bound (S3 round trips): overlap requests. Decoding happens in the same
-    # threads; PIL releases the GIL while decoding.
+    # threads; PIL releases the GIL while decoding. Each image is refused over the size limits
+    # before its pixels are decoded, so 8 threads hold at most 8 x data.max_image_pixels x 3 B.
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(pool.map(load, uris))
     keep = [i for i, (img, _) in enumerate(results) if img is not None]

@@ -2,20 +2,21 @@
 
 This is the one place the report touches images rather than tables. It only averages pixels
 of files the stages already assigned to clusters (no model runs). Images are read through
-:mod:`pipeline.storage` (local or s3://) with a small thread pool, since reads are I/O-bound;
-an image that cannot be read is recorded in ``errors/`` under the ``report`` stage.
+:mod:`pipeline.images` (local or s3://, refused over ``data.max_image_bytes`` /
+``data.max_image_pixels`` before decoding; JPEGs decoded at reduced scale) with a small thread
+pool, since reads are I/O-bound; an image that cannot be read is recorded in ``errors/`` under
+the ``report`` stage.
 """
 
 from __future__ import annotations
 
-import io
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pipeline import storage
+from pipeline.images import open_limited, read_limited
 from pipeline.report._context import Context
 
 # Width in pixels of each face after resizing (height follows the collection's aspect ratio).
@@ -35,8 +36,11 @@ class FaceReader:
 
     def _read(self, image_id: str, uri: str) -> np.ndarray | None:
         try:
-            data = storage.read_bytes(storage.filesystem(uri, self.ctx.cfg.storage))
-            with Image.open(io.BytesIO(data)) as im:
+            d = self.ctx.cfg.data
+            data = read_limited(uri, self.ctx.cfg.storage, d.max_image_bytes)
+            with open_limited(data, d.max_image_pixels) as im:
+                if im.format == "JPEG":  # decode at 1/2..1/8 scale: faces are drawn 64 px wide
+                    im.draft("RGB", (2 * FACE_WIDTH, 2 * FACE_WIDTH))
                 im = im.convert("RGB")
                 if self.size is None:
                     w, h = im.size
