@@ -66,6 +66,11 @@ class RunConfig(_Section):
     seed: int = 0
     # Stages rerun even when complete (names as in jobs.run; "all" reruns every stage).
     force: list[str] = Field(default_factory=list)
+    # Seconds between heartbeats of the run lock (<output.root>/run.lock) a running job holds.
+    lock_heartbeat_s: float = Field(default=30.0, gt=0)
+    # A lock whose heartbeat is older than this many seconds belongs to a dead run and is taken
+    # over (a lock of a dead process on this host is taken over at once).
+    lock_stale_s: float = Field(default=300.0, gt=0)
 
 
 class StorageConfig(_Section):
@@ -351,12 +356,18 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return path, value
 
 
+# Fields whose values are never printed (error messages, run.json, config.toml).
+SECRET_KEYS = frozenset({"access_key_id", "secret_access_key"})
+
+
 def _format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             lines.append(f"unknown config key {loc!r}")
+        elif e["loc"] and e["loc"][-1] in SECRET_KEYS:  # never echo a secret, even a bad one
+            lines.append(f"bad value for {loc!r}: {e['msg']} (value not shown: it is a secret)")
         else:
             lines.append(f"bad value for {loc!r}: {e['msg']} (got {e.get('input')!r})")
     return "invalid config: " + "; ".join(lines)

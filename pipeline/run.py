@@ -9,6 +9,7 @@ dependants.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -16,7 +17,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from pipeline import runlog
+from pipeline import runlock, runlog
 from pipeline.config import Config
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class Stage:
     module: str  # module with the `run(cfg)` entry
     sections: tuple[str, ...]  # config sections whose change reruns the stage
     needs_ray: bool = True  # pure-driver stages skip Ray's start-up (tens of seconds on 2 cores)
+    needs_lock: bool = True  # holds <output.root>/run.lock while it runs (pipeline.runlock)
 
 
 STAGES: tuple[Stage, ...] = (
@@ -41,7 +43,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("cluster", "pipeline.cluster", ("cluster", "classify.target")),
     Stage("classify", "pipeline.classify", ("classify",)),
     Stage("explain", "pipeline.explain", ("explain",)),
-    Stage("report", "pipeline.report", ("report",), needs_ray=False),
+    Stage("report", "pipeline.report", ("report",), needs_ray=False, needs_lock=False),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
@@ -79,12 +81,23 @@ def _forced(cfg: Config, extra: list[str]) -> set[str]:
 
 
 def run_stage(cfg: Config, name: str, force: bool = False) -> dict:
-    """Run one stage through run.json tracking (skips it when complete and not forced)."""
-    from pipeline.ray_runtime import ensure_ray
+    """Run one stage through run.json tracking (skips it when complete and not forced).
 
+    A writing stage holds the output root's run lock (:mod:`pipeline.runlock`) throughout; a
+    second run on the same root stops at once with a message naming the holder.
+    """
     stage = next((s for s in STAGES if s.name == name), None)
     if stage is None:
         raise ValueError(f"unknown stage {name!r}; stages are {list(STAGE_NAMES)}")
+    lock = runlock.held(cfg, name) if stage.needs_lock else contextlib.nullcontext()
+    with lock:
+        return _run_stage(cfg, stage, force)
+
+
+def _run_stage(cfg: Config, stage: Stage, force: bool) -> dict:
+    from pipeline.ray_runtime import ensure_ray
+
+    name = stage.name
     fp = fingerprints(cfg)[name]
     if not force and name not in _forced(cfg, []) and runlog.is_complete(cfg, name, fp):
         log.info("[%s] complete, skipped (use --force %s to rerun)", name, name)
@@ -117,6 +130,7 @@ def run_all(cfg: Config, force: list[str] | None = None) -> dict[str, dict]:
     """Every available stage in order; returns each stage's result."""
     forced = _forced(cfg, force or [])
     results = {}
-    for s in _available():
-        results[s.name] = run_stage(cfg, s.name, force=s.name in forced)
+    with runlock.held(cfg, "run"):  # one lock for the whole chain
+        for s in _available():
+            results[s.name] = run_stage(cfg, s.name, force=s.name in forced)
     return results

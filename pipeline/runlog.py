@@ -7,7 +7,9 @@ fingerprint of the config it ran with; :mod:`pipeline.run` skips such stages unl
 from __future__ import annotations
 
 import contextlib
+import json
 import platform
+import random
 import time
 from datetime import datetime, timezone
 from typing import Any, Iterator
@@ -40,11 +42,11 @@ def load(cfg: Config) -> dict[str, Any]:
     return storage.read_json(loc)
 
 
-def _save(cfg: Config, doc: dict[str, Any]) -> None:
+def _stamp(cfg: Config, doc: dict[str, Any]) -> bytes:
     doc["config"] = cfg.public_dict()
     doc["versions"] = versions()
     doc["updated"] = datetime.now(timezone.utc).isoformat()
-    storage.write_json(_loc(cfg), doc)
+    return json.dumps(doc, indent=2, sort_keys=True, default=str).encode()
 
 
 def stage_record(cfg: Config, stage: str) -> dict[str, Any] | None:
@@ -57,9 +59,29 @@ def is_complete(cfg: Config, stage: str, fingerprint: str) -> bool:
 
 
 def update(cfg: Config, stage: str, **fields: Any) -> None:
-    doc = load(cfg)
-    doc["stages"].setdefault(stage, {}).update(fields)
-    _save(cfg, doc)
+    """Merge ``fields`` into ``stage``'s record.
+
+    Read-modify-write with a replace-if-unchanged write (:func:`storage.replace_if`), retried
+    on a conflict: a writer that runs beside the lock holder (the report) never loses, nor
+    makes the other lose, an update.
+    """
+    loc = _loc(cfg)
+    for attempt in range(_UPDATE_TRIES):
+        current = storage.read_versioned(loc, cfg.storage)
+        doc = json.loads(current[0]) if current is not None else {"stages": {}}
+        doc.setdefault("stages", {}).setdefault(stage, {}).update(fields)
+        data = _stamp(cfg, doc)
+        if current is None:
+            if storage.create_exclusive(loc, data, cfg.storage):
+                return
+        elif storage.replace_if(loc, data, current[1], cfg.storage):
+            return
+        time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))  # someone wrote in between
+    raise storage.StorageError(f"{loc.uri}: could not update it after {_UPDATE_TRIES} tries "
+                               "(other writers kept changing it)")
+
+
+_UPDATE_TRIES = 50
 
 
 @contextlib.contextmanager

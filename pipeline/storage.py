@@ -331,6 +331,141 @@ def write_bytes(loc: Location, data: bytes) -> None:
         raise _wrap(loc.uri, exc) from None
 
 
+# --------------------------------------------------------------------------------------------
+# Conditional writes: the run lock and run.json need "create if absent" and "replace if
+# unchanged". pyarrow's S3 filesystem has no conditional put, so S3 goes through botocore's
+# put_object(IfNoneMatch="*" / IfMatch=etag) (AWS S3, MinIO and SeaweedFS honour both). Locally
+# "create if absent" is O_CREAT|O_EXCL and "replace if unchanged" compares a content hash under
+# an flock on a sidecar file (processes of one host; not for NFS).
+
+
+@lru_cache(maxsize=16)
+def _botocore_client(key: tuple):
+    import botocore.config
+    import botocore.session
+    from botocore import UNSIGNED
+
+    endpoint, region, ak, sk, anonymous, timeout = key
+    session = botocore.session.get_session()
+    ak = ak or os.environ.get("AWS_ACCESS_KEY_ID", "")
+    sk = sk or os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+    kwargs: dict = {"region_name": region or ("us-east-1" if endpoint else None)}
+    if endpoint:
+        kwargs["endpoint_url"] = endpoint
+    signature = None
+    if ak and sk:
+        kwargs["aws_access_key_id"], kwargs["aws_secret_access_key"] = ak, sk
+        if os.environ.get("AWS_SESSION_TOKEN"):
+            kwargs["aws_session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    elif anonymous:
+        signature = UNSIGNED
+    conf = botocore.config.Config(connect_timeout=timeout, read_timeout=max(30.0, timeout),
+                                  retries={"max_attempts": 3, "mode": "standard"},
+                                  signature_version=signature)
+    return session.create_client("s3", config=conf, **kwargs)
+
+
+def _bucket_key(loc: Location) -> tuple[str, str]:
+    bucket, _, key = loc.path.partition("/")
+    return bucket, key
+
+
+def _s3_call(loc: Location, cfg: StorageConfig | None, op: str, **kw):
+    """One botocore call; returns None on a failed precondition (412) or a missing key (404)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = _bucket_key(loc)
+    client = _botocore_client(_cfg_key(cfg))
+    try:
+        return getattr(client, op)(Bucket=bucket, Key=key, **kw)
+    except ClientError as exc:
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        code = exc.response.get("Error", {}).get("Code", "")
+        if status in (412, 409) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+            return None
+        if status == 404 or code in ("NoSuchKey", "NotFound"):
+            return None
+        if status in (401, 403):
+            raise StorageError(f"{loc.uri}: {_DENIED}") from None
+        raise StorageError(f"{loc.uri}: {code or status}: {exc}") from None
+    except BotoCoreError as exc:
+        raise StorageError(f"{loc.uri}: {_UNREACHABLE} ({exc})") from None
+
+
+@contextlib.contextmanager
+def _local_mutex(path: str):
+    import fcntl
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path + ".mutex", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def create_exclusive(loc: Location, data: bytes, cfg: StorageConfig | None = None) -> bool:
+    """Write ``loc`` only if nothing is there; False (nothing written) when it already exists."""
+    if isinstance(loc.fs, pafs.LocalFileSystem):
+        os.makedirs(os.path.dirname(loc.path), exist_ok=True)
+        tmp = f"{loc.path}.{TEMP_PREFIX}{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:  # complete before it becomes visible under its name
+            f.write(data)
+        try:
+            os.link(tmp, loc.path)  # atomic, and fails when the name exists (like O_EXCL)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.remove(tmp)
+    if not is_s3(loc.uri):
+        raise StorageError(f"{loc.uri}: conditional writes need a local path or s3://")
+    return _s3_call(loc, cfg, "put_object", Body=data, IfNoneMatch="*") is not None
+
+
+def read_versioned(loc: Location, cfg: StorageConfig | None = None
+                   ) -> tuple[bytes, str] | None:
+    """``(content, version)`` of ``loc``, or None when absent; pass the version to
+    :func:`replace_if` to write only if nobody wrote in between."""
+    if isinstance(loc.fs, pafs.LocalFileSystem):
+        try:
+            with open(loc.path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        import hashlib
+
+        return data, hashlib.sha256(data).hexdigest()
+    r = _s3_call(loc, cfg, "get_object")
+    if r is None:
+        return None
+    return r["Body"].read(), r["ETag"]
+
+
+def replace_if(loc: Location, data: bytes, version: str,
+               cfg: StorageConfig | None = None) -> bool:
+    """Replace ``loc`` with ``data`` only if it still has ``version``; False otherwise."""
+    if isinstance(loc.fs, pafs.LocalFileSystem):
+        with _local_mutex(loc.path):
+            now = read_versioned(loc)
+            if now is None or now[1] != version:
+                return False
+            write_bytes(loc, data)
+            return True
+    return _s3_call(loc, cfg, "put_object", Body=data, IfMatch=version) is not None
+
+
+def delete_file(loc: Location, cfg: StorageConfig | None = None) -> None:
+    """Remove one object; missing is fine."""
+    if isinstance(loc.fs, pafs.LocalFileSystem):
+        with _local_mutex(loc.path), contextlib.suppress(FileNotFoundError):
+            os.remove(loc.path)
+        return
+    _s3_call(loc, cfg, "delete_object")
+
+
 def read_json(loc: Location) -> dict:
     return json.loads(read_bytes(loc))
 

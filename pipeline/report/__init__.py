@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 
-from pipeline import storage
+from pipeline import storage, tables
 from pipeline.config import Config
 from pipeline.report import (_attributes, _bias, _classifiers, _clusters, _data, _explain,
                              _runinfo)
@@ -39,6 +39,8 @@ INDEX = "index.html"
 def run(cfg: Config) -> dict:
     """Build ``<output.root>/report/index.html``; returns where it is and what it holds."""
     ctx = Context(cfg)
+    # this run's unreadable faces replace the last run's (written by the Clusters section)
+    tables.clear_errors(cfg, "report")
     built = []
     for module in SECTIONS:
         log.info("[report] %s", module.TITLE)
@@ -48,6 +50,10 @@ def run(cfg: Config) -> dict:
             ctx.problems.append(f"{module.TITLE}: {exc}")
             log.warning("[report] %s: %s", module.TITLE, exc)
             body = note(f"Could not draw this section: {h(exc)}", "warn")
+        except Exception as exc:  # noqa: BLE001 - any other failure costs this section only
+            ctx.problems.append(f"{module.TITLE}: {type(exc).__name__}: {exc}")
+            log.exception("[report] %s failed", module.TITLE)
+            body = note(f"This section failed: {h(type(exc).__name__)}: {h(exc)}", "warn")
         built.append((slug(module.TITLE), module.TITLE, body))
     subtitle = f"{cfg.data.dataset} · {cfg.data.root} → {cfg.output.root}"
     page = render("faceaudit report", subtitle, built)

@@ -153,7 +153,8 @@ class Context:
 
     # ---- sections -----------------------------------------------------------------------
     def part(self, title: str, build: Callable[[], list[str] | str], level: int = 3) -> str:
-        """A titled subsection; a ReportDataError becomes a visible warning, not a crash."""
+        """A titled subsection; a ReportDataError or any other failure becomes a visible
+        warning, not a crash."""
         try:
             body = build()
             body = body if isinstance(body, str) else "\n".join(body)
@@ -161,6 +162,14 @@ class Context:
             self.problems.append(f"{title}: {exc}")
             log.warning("report: %s: %s", title, exc)
             body = note(f"Could not draw this part: {h(exc)}", "warn")
+        except Exception as exc:  # noqa: BLE001 - a figure that fails (e.g. a label matplotlib
+            # cannot typeset) costs this part only; the rest of the report is still written
+            import matplotlib.pyplot as plt
+
+            plt.close("all")
+            self.problems.append(f"{title}: {type(exc).__name__}: {exc}")
+            log.exception("report: %s failed", title)
+            body = note(f"This part failed: {h(type(exc).__name__)}: {h(exc)}", "warn")
         return f"<h{level} id=\"{slug(title)}\">{h(title)}</h{level}>\n{body}"
 
     # ---- figures ------------------------------------------------------------------------
