@@ -16,6 +16,7 @@ Both raise :class:`ImageRejected`, whose message is the ``errors/`` reason.
 from __future__ import annotations
 
 import io
+import warnings
 
 import pyarrow as pa
 
@@ -47,7 +48,12 @@ def open_limited(data: bytes, max_pixels: int):
     """``PIL.Image.open`` on ``data`` (header only), refusing images over ``max_pixels``."""
     from PIL import Image
 
-    im = Image.open(io.BytesIO(data))
+    with warnings.catch_warnings():  # Pillow's bomb warning: the limit below is ours
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as exc:  # over 2x Pillow's own limit
+            raise ImageRejected(f"image too large: {exc}; not decoded") from None
     w, h = im.size
     if w * h > max_pixels:
         im.close()

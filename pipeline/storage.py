@@ -150,7 +150,9 @@ def describe_error(uri: str, exc: BaseException) -> str:
     msg = text.splitlines()[0] if text else type(exc).__name__
     m = _AWS_CODE.search(text)
     code, status = (m.group(1), m.group(2)) if m else ("", None)
-    if isinstance(exc, PermissionError) or code in _DENIED_CODES or status in ("401", "403"):
+    if isinstance(exc, PermissionError):
+        cause = "permission denied (check the file's owner and mode)"
+    elif code in _DENIED_CODES or status in ("401", "403"):
         cause = _DENIED
     elif code == "NO_SUCH_BUCKET":
         cause = "the bucket does not exist"
