@@ -26,7 +26,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from pipeline import explain, ingest, runlock, runlog, storage, tables
+from pipeline import explain, ingest, runlog, storage, tables
 from pipeline.classify import load_model as classify_load_model
 from pipeline.config import ConfigError, load_config
 from pipeline.extract import BadImage, decode_image
@@ -270,6 +270,8 @@ def test_5_reserved_attribute_names_are_a_clear_error(tmp_path, column):
 
 
 def _plant_lock(cfg, **info) -> Path:
+    from pipeline import runlock
+
     path = Path(cfg.output.root) / runlock.LOCK_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     now = datetime.now(timezone.utc).isoformat()
@@ -279,6 +281,8 @@ def _plant_lock(cfg, **info) -> Path:
 
 
 def test_6_run_lock_stops_a_second_run_and_takes_over_a_dead_one(tmp_path):
+    from pipeline import runlock
+
     from pipeline.run import run_stage
 
     cfg = tiny_config(tmp_path)
@@ -339,6 +343,8 @@ def test_6_run_json_updates_are_never_lost(tmp_path):
 
 @pytest.mark.s3
 def test_6_run_lock_on_s3_is_create_if_absent(tmp_path, s3_server, s3_bucket):
+    from pipeline import runlock
+
     cfg = tiny_config(tmp_path, f"output.root=s3://{s3_bucket}/run", *s3_overrides(s3_server))
     loc = tables.root(cfg).join("probe")
     assert storage.create_exclusive(loc, b"first", cfg.storage)
