@@ -205,6 +205,8 @@ def _printable(path: str) -> str:
 
 
 def _utf8(name: str) -> bool:
+    if name.isascii():
+        return True
     try:
         name.encode("utf-8")
         return True
@@ -212,24 +214,40 @@ def _utf8(name: str) -> bool:
         return False
 
 
+def _name(entry: os.DirEntry) -> str:
+    return entry.name
+
+
 def _walk_local(root: str, recursive: bool) -> tuple[list[pafs.FileInfo], list[Skipped]]:
-    """Files under ``root`` without leaving it: a symlink is followed only when its target lies
-    inside ``root`` and was not reached before (real paths are deduplicated, so a link loop ends
-    at once); every link not followed and every name that is not UTF-8 is a :class:`Skipped`."""
+    """Files under ``root`` without leaving it: the real folders are listed first, then each
+    symlink is followed only when its target lies inside ``root`` and was not reached before
+    (real paths are deduplicated, so a link loop ends at once); every link not followed and
+    every name that is not UTF-8 is a :class:`Skipped`."""
     real_root = os.path.realpath(root)
     files: list[pafs.FileInfo] = []
     skipped: list[Skipped] = []
     seen_dirs = {real_root}
     seen_files: dict[str, str] = {}
+    links: list[str] = []
 
     def inside(real: str) -> bool:
         return real == real_root or real.startswith(real_root.rstrip("/") + "/")
 
+    local = pafs.LocalFileSystem()
+
     def visit(folder: str, real_folder: str) -> None:
         try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=_name)
         except FileNotFoundError:
             return
+        # sizes of plain files from pyarrow's (C++) listing of this one folder; it fails on a
+        # name that is not UTF-8, and then this folder's files are stat-ed here instead
+        try:
+            fast = {i.base_name: i for i in local.get_file_info(pafs.FileSelector(folder))}
+        except (UnicodeDecodeError, OSError, pa.ArrowException):
+            fast = {}
+        prefix = real_folder.rstrip("/") + "/"
         for entry in entries:
             path = entry.path
             if not _utf8(entry.name):
@@ -237,44 +255,60 @@ def _walk_local(root: str, recursive: bool) -> tuple[list[pafs.FileInfo], list[S
                                        "rename it to read it"))
                 continue
             try:
-                is_link = entry.is_symlink()
-                if is_link:
-                    real = os.path.realpath(path)
-                    if not os.path.exists(real):
-                        skipped.append(Skipped(path, "broken symbolic link (its target does "
-                                               "not exist)"))
-                        continue
-                    if not inside(real):
-                        skipped.append(Skipped(path, f"symbolic link to {_printable(real)}, "
-                                               "outside the listed root; not followed"))
-                        continue
-                    st = os.stat(path)
-                else:
-                    real = os.path.join(real_folder, entry.name)
-                    st = entry.stat(follow_symlinks=False)
+                if not entry.is_symlink():
+                    if entry.is_dir(follow_symlinks=False):
+                        if recursive:
+                            seen_dirs.add(prefix + entry.name)
+                            visit(path, prefix + entry.name)
+                    elif entry.is_file(follow_symlinks=False):
+                        info = fast.get(entry.name)
+                        if info is None or info.type != pafs.FileType.File:
+                            st = entry.stat(follow_symlinks=False)
+                            info = pafs.FileInfo(path, pafs.FileType.File, size=st.st_size,
+                                                 mtime_ns=st.st_mtime_ns)
+                        seen_files.setdefault(prefix + entry.name, path)
+                        files.append(info)
+                    continue
+                links.append(path)  # followed after every real folder is listed
             except OSError as exc:
                 skipped.append(Skipped(path, describe_error(path, exc).split(": ", 1)[-1]))
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                if not recursive:
-                    continue
-                if real in seen_dirs:
-                    skipped.append(Skipped(path, f"symbolic link to {_printable(real)}, a folder "
-                                           "already listed (a loop or a duplicate); not followed"))
-                    continue
-                seen_dirs.add(real)
-                visit(path, real)
-            elif stat.S_ISREG(st.st_mode):
-                if real in seen_files:
-                    skipped.append(Skipped(path, f"symbolic link to a file already listed as "
-                                           f"{seen_files[real]}; not read twice"))
-                    continue
-                seen_files[real] = path
-                files.append(pafs.FileInfo(path, pafs.FileType.File, size=st.st_size,
-                                           mtime_ns=st.st_mtime_ns))
+
+    def follow(path: str) -> None:
+        try:
+            real = os.path.realpath(path)
+            if not os.path.exists(real):
+                skipped.append(Skipped(path, "broken symbolic link (its target does not exist)"))
+                return
+            if not inside(real):
+                skipped.append(Skipped(path, f"symbolic link to {_printable(real)}, outside "
+                                       "the listed root; not followed"))
+                return
+            st = os.stat(path)
+        except OSError as exc:
+            skipped.append(Skipped(path, describe_error(path, exc).split(": ", 1)[-1]))
+            return
+        if stat.S_ISDIR(st.st_mode):
+            if not recursive:
+                return
+            if real in seen_dirs:
+                skipped.append(Skipped(path, f"symbolic link to {_printable(real)}, a folder "
+                                       "already listed (a loop or a duplicate); not followed"))
+                return
+            seen_dirs.add(real)
+            visit(path, real)
+        elif stat.S_ISREG(st.st_mode):
+            if real in seen_files:
+                skipped.append(Skipped(path, f"symbolic link to a file already listed as "
+                                       f"{seen_files[real]}; not read twice"))
+                return
+            seen_files[real] = path
+            files.append(pafs.FileInfo(path, pafs.FileType.File, size=st.st_size,
+                                       mtime_ns=st.st_mtime_ns))
 
     if os.path.isdir(root):
         visit(root, real_root)
+        while links:  # in the order met; each may list more folders (and so more links)
+            follow(links.pop(0))
     return files, skipped
 
 
