@@ -17,8 +17,11 @@ listing are polars joins. 202,599 CelebA rows parse in about a second
 (``python -m jobs.benchmark ingest``).
 
 Nothing is dropped silently: every input that cannot be used becomes a row of ``errors/`` with
-its reason (missing or zero-byte image, image without annotation, malformed line, bad value,
-count line that disagrees, duplicate id, unparseable UTKFace name), and every good row is kept.
+its reason (missing, zero-byte or over ``data.max_image_bytes`` image, image without
+annotation, malformed or non-UTF-8 line, empty CSV header field, bad value, count line that
+disagrees, duplicate id, unparseable UTKFace name, LFW image outside ``<person>/``, a symlink the
+listing did not follow, a file name that is not UTF-8), and every good row is kept. A header
+column with a reserved name (:data:`RESERVED_COLUMNS`) is an error naming it.
 A root that cannot be read (bad endpoint, missing bucket, wrong keys) fails first, in one line.
 
 Splits: CelebA's official partition; datasets without one get a split drawn from
