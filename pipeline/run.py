@@ -90,8 +90,13 @@ def run_stage(cfg: Config, name: str, force: bool = False) -> dict:
     if stage is None:
         raise ValueError(f"unknown stage {name!r}; stages are {list(STAGE_NAMES)}")
     lock = runlock.held(cfg, name) if stage.needs_lock else contextlib.nullcontext()
-    with lock:
-        return _run_stage(cfg, stage, force)
+    with lock as held:
+        result = _run_stage(cfg, stage, force)
+        if held is not None and held.lost:
+            raise runlock.RunLocked(f"[{name}] another run took over this run's lock on "
+                                    f"{cfg.output.root} while it ran; its outputs may be mixed, "
+                                    "rerun it once the other run is done")
+        return result
 
 
 def _run_stage(cfg: Config, stage: Stage, force: bool) -> dict:

@@ -372,7 +372,7 @@ def write_bytes(loc: Location, data: bytes) -> None:
 # unchanged". pyarrow's S3 filesystem has no conditional put, so S3 goes through botocore's
 # put_object(IfNoneMatch="*" / IfMatch=etag) (AWS S3, MinIO and SeaweedFS honour both). Locally
 # "create if absent" is O_CREAT|O_EXCL and "replace if unchanged" compares a content hash under
-# an flock on a sidecar file (processes of one host; not for NFS).
+# an flock on the file's folder (processes of one host; not for NFS).
 
 
 @lru_cache(maxsize=16)
@@ -430,10 +430,12 @@ def _s3_call(loc: Location, cfg: StorageConfig | None, op: str, **kw):
 
 @contextlib.contextmanager
 def _local_mutex(path: str):
+    """An exclusive flock on the folder holding ``path`` (leaves no file behind)."""
     import fcntl
 
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path + ".mutex", os.O_CREAT | os.O_RDWR, 0o644)
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

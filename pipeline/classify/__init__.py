@@ -87,9 +87,10 @@ official partition; an earlier study reports accuracy 0.7817 for this model)::
 
 from pipeline.classify._data import dataset_schema
 from pipeline.classify._evaluate import FAIRNESS_GAPS, METRICS
-from pipeline.classify._fit import DEFAULT_PARAMS, TRUSTED_TYPES, load_model
+from pipeline.classify._fit import DEFAULT_PARAMS, load_model
 from pipeline.classify._stage import (METRICS_SCHEMA, MODELS_SCHEMA, PREDICTIONS_SCHEMA,
                                       execute, run)
+from pipeline.modelfiles import TRUSTED_TYPES  # the one allow-list of model-file types
 
 __all__ = ["run", "dataset_schema", "MODELS_SCHEMA", "METRICS_SCHEMA", "PREDICTIONS_SCHEMA",
            "METRICS", "FAIRNESS_GAPS", "TRUSTED_TYPES", "DEFAULT_PARAMS", "load_model", "execute"]

@@ -20,7 +20,6 @@ from sklearn.preprocessing import StandardScaler
 from pipeline import modelfiles, storage
 from pipeline.classify._sampling import SamplingError, proportions, undersample
 from pipeline.config import Config
-from pipeline.modelfiles import TRUSTED_TYPES  # noqa: F401 - re-exported by classify
 from pipeline.seeds import derive_seed
 
 MODEL_NAMES: tuple[str, ...] = ("random_forest", "logistic_regression", "hist_gradient_boosting")
@@ -189,6 +188,6 @@ def load_model(cfg: Config, path: str, out_root: str | None = None) -> Pipeline:
     """Load a saved classifier (``path`` relative to the output root) without running code.
 
     Goes through :func:`pipeline.modelfiles.load`: only skops' built-in safe types and
-    :data:`TRUSTED_TYPES` are rebuilt, and a path leaving the output root is refused.
+    :data:`pipeline.modelfiles.TRUSTED_TYPES` are rebuilt, and a path leaving the output root is refused.
     """
     return modelfiles.load(cfg, path, out_root)[0]
