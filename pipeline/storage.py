@@ -456,6 +456,14 @@ def create_exclusive(loc: Location, data: bytes, cfg: StorageConfig | None = Non
             return True
         except FileExistsError:
             return False
+        except OSError:  # a filesystem without hard links: plain O_EXCL
+            try:
+                fd = os.open(loc.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
         finally:
             os.remove(tmp)
     if not is_s3(loc.uri):
