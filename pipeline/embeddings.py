@@ -39,7 +39,7 @@ EMBEDDINGS: tuple[str, ...] = ("resnet50", "attribute_backbone", "facenet", "dli
 # facenet-pytorch's own input standardisation, (x*255 - 127.5) / 128, written as mean/std on [0,1].
 _FACENET_MEAN = (127.5 / 255,) * 3
 _FACENET_STD = (128.0 / 255,) * 3
-_FACENET_FILES = {"vggface2": "20180402-114759-vggface2.pt",
+FACENET_FILES = {"vggface2": "20180402-114759-vggface2.pt",
                   "casia-webface": "20180408-102900-casia-webface.pt"}
 
 
@@ -62,7 +62,7 @@ def _spec_tag(spec: str, storage_cfg: StorageConfig | None, seed: int) -> str:
     """A short version tag for a weights spec: the spec itself, plus a hash for files."""
     if spec == "none":
         return f"none(seed={seed})"
-    if spec in ("imagenet", *_FACENET_FILES):
+    if spec in ("imagenet", *FACENET_FILES):
         return spec
     from pipeline import storage
 
@@ -124,8 +124,8 @@ def _facenet(weights: str, storage_cfg: StorageConfig | None, seed: int,
         raise WeightsError('facenet has no "imagenet" weights; use "vggface2" or "casia-webface" '
                            '(from the torch cache), "none" or a path / s3:// URI of a state dict')
     model = _seeded(lambda: InceptionResnetV1(pretrained=None, classify=False), seed)
-    if weights in _FACENET_FILES:
-        path = os.path.join(torch.hub.get_dir(), "checkpoints", _FACENET_FILES[weights])
+    if weights in FACENET_FILES:
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", FACENET_FILES[weights])
         if not os.path.exists(path) and download:
             # facenet-pytorch's own mechanism: download_url_to_file into the same torch cache
             from facenet_pytorch.models.inception_resnet_v1 import load_weights
@@ -146,7 +146,7 @@ def _facenet(weights: str, storage_cfg: StorageConfig | None, seed: int,
                           f"facenet-pytorch-{getattr(facenet_pytorch, '__version__', '?')}/"
                           f"{_spec_tag(weights, storage_cfg, seed)}",
                           origin=(f"facenet-pytorch {weights} release file (torch cache)"
-                                  if weights in _FACENET_FILES else _origin(weights)))
+                                  if weights in FACENET_FILES else _origin(weights)))
 
 
 def _dlib_embedding(weights: str) -> EmbeddingModel:
