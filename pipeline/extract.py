@@ -385,7 +385,7 @@ class _DlibInfer:
 
         self.model = FaceEmbedder(upsample=upsample)
         self.schema = _dlib_schema(attributes)
-        self.n_attr = len(attributes)
+        self.attributes = list(attributes)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from pipeline import dlib_face
@@ -403,7 +403,7 @@ class _DlibInfer:
         found = np.zeros(n, bool)
         found[good] = detected
         keep = [batch.column(c) for c in _ROUTING]
-        keep += [batch.column(i) for i in range(len(_ROUTING), len(_ROUTING) + self.n_attr)]
+        keep += [batch.column(f"p_{a}") for a in self.attributes]
         arrays = keep + [_embedding_array(emb, good, mask, dlib_face.DIM),
                          pa.array(found, pa.bool_(), mask=mask)]
         return pa.Table.from_arrays([a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a
