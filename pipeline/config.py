@@ -135,6 +135,9 @@ class TrainConfig(_Section):
     max_failures: int = Field(default=0, ge=0)
     # Log progress (step, loss, images/s) every N training steps on rank 0.
     log_every_steps: int = Field(default=20, ge=1)
+    # Apply this attribute model instead of training one: another run's models/attributes folder,
+    # or a model.pt with its model.json beside it (local or s3://); empty = train here.
+    model_from: str = ""
 
     @field_validator("use_gpu", mode="before")
     @classmethod

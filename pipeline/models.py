@@ -138,6 +138,8 @@ class AttributeModelInfo:
     thresholds: list[float] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     version: str = ""
+    # What the model was trained on (dataset, data root, split rule, rows per split); {} if unknown.
+    trained_on: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
