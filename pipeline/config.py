@@ -93,8 +93,8 @@ class RayConfig(_Section):
 class TrainConfig(_Section):
     # Attributes the model predicts; empty means every boolean attribute in the manifest.
     attributes: list[str] = Field(default_factory=list)
-    # Backbone architecture (torchvision name).
-    arch: Literal["mobilenet_v2"] = "mobilenet_v2"
+    # Backbone: mobilenet_v2 (torchvision) or small_cnn (4 conv blocks; learns from few images on CPU).
+    arch: Literal["mobilenet_v2", "small_cnn"] = "mobilenet_v2"
     # Initial weights: "imagenet" (torch cache only), "none" (random), or a path/URI to a state dict.
     pretrained: str = "none"
     # Square input size in pixels after resize.

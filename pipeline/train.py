@@ -168,7 +168,7 @@ def _run(cfg: Config, *, fail_after_epoch: int | None = None) -> dict:
         "attributes": attributes, "image_size": t.image_size, "epochs": t.epochs,
         "batch_size": t.batch_size, "lr": t.lr, "weight_decay": t.weight_decay,
         "schedule": t.schedule, "pos_weight": pos_weight, "augment": t.augment,
-        "pretrained": t.pretrained, "storage": cfg.storage.model_dump(),
+        "pretrained": t.pretrained, "arch": t.arch, "storage": cfg.storage.model_dump(),
         "seed": cfg.run.seed, "steps_per_epoch": steps_per_epoch,
         "max_steps_per_epoch": t.max_steps_per_epoch, "drop_last": drop_last,
         "shuffle_buffer": t.shuffle_buffer_batches * t.batch_size,
@@ -201,7 +201,7 @@ def _run(cfg: Config, *, fail_after_epoch: int | None = None) -> dict:
         latest = _load_checkpoint(result.checkpoint)
         best_ckpt = result.get_best_checkpoint(SCORE, "max") or result.checkpoint
         best = _load_checkpoint(best_ckpt)
-        model = _model_from_state(attributes, best["model"])
+        model = _model_from_state(attributes, best["model"], t.arch)
 
         # --- thresholds on val (optional), then the test split's metrics ---
         wanted = ("val", "test") if t.tune_thresholds else ("test",)
@@ -498,10 +498,10 @@ def _load_checkpoint(checkpoint) -> dict:
         return torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
 
 
-def _model_from_state(attributes: list[str], state: dict):
+def _model_from_state(attributes: list[str], state: dict, arch: str):
     from pipeline.models import AttributeNet
 
-    model = AttributeNet(len(attributes))
+    model = AttributeNet(len(attributes), arch=arch)
     model.load_state_dict(state)
     return model.eval()
 
@@ -509,14 +509,14 @@ def _model_from_state(attributes: list[str], state: dict):
 class _Predictor:
     """Ray Data actor: images -> per-attribute probabilities (batch inference on CPU or GPU)."""
 
-    def __init__(self, state_ref: list, n_attributes: int, use_gpu: bool):
+    def __init__(self, state_ref: list, n_attributes: int, use_gpu: bool, arch: str):
         import ray
         import torch
 
         from pipeline.models import AttributeNet
 
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.model = AttributeNet(n_attributes)
+        self.model = AttributeNet(n_attributes, arch=arch)
         self.model.load_state_dict(ray.get(state_ref[0]))
         self.model.to(self.device).eval()
 
@@ -544,7 +544,8 @@ def _predict(cfg: Config, model, splits: dict[str, pa.Table], attributes: list[s
     ds = _image_dataset(cfg, pa.concat_tables(splits.values()), attributes, error_log) \
         .map_batches(_Predictor, batch_size=cfg.train.batch_size, batch_format="numpy",
                      fn_constructor_kwargs={"state_ref": [state_ref],
-                                            "n_attributes": len(attributes), "use_gpu": use_gpu},
+                                            "n_attributes": len(attributes), "use_gpu": use_gpu,
+                                            "arch": cfg.train.arch},
                      compute=ray.data.ActorPoolStrategy(size=1),
                      num_gpus=1 if use_gpu else 0, num_cpus=cfg.train.cpus_per_worker)
     ys: dict[str, list] = {s: [] for s in splits}
@@ -682,7 +683,8 @@ def _train_loop(c: dict) -> None:
     device = ray.train.torch.get_device()
     n_attr = len(c["attributes"])
     torch.manual_seed(derive_seed(c["seed"], STAGE, "init"))
-    model = build_attribute_model(n_attr, c["pretrained"], StorageConfig(**c["storage"]))
+    model = build_attribute_model(n_attr, c["pretrained"], StorageConfig(**c["storage"]),
+                                  arch=c["arch"])
 
     state = None
     checkpoint = ray.train.get_checkpoint()

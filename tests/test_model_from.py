@@ -120,3 +120,23 @@ def test_a_model_from_s3(tmp_path, s3_server, s3_bucket):
     train.adopt_model(cfg)
     here = Path(tables.location(cfg, train.MODEL_DIR).path)
     assert (here / "model.pt").read_bytes() == (local / "model.pt").read_bytes()
+
+
+def test_the_small_cnn_round_trips_through_model_json(tmp_path):
+    import torch
+
+    from pipeline import storage
+    from pipeline.models import (AttributeModelInfo, WeightsError, build_attribute_model,
+                                 export_attribute_model, load_attribute_model)
+
+    model = build_attribute_model(3, arch="small_cnn").eval()
+    loc = storage.filesystem(str(tmp_path / "m"))
+    export_attribute_model(model, AttributeModelInfo(arch="small_cnn", attributes=["a", "b", "c"],
+                                                     image_size=32), loc)
+    loaded, info = load_attribute_model(loc)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert loaded.embed(x).shape == (2, loaded.embedding_dim) and info.arch == "small_cnn"
+    with pytest.raises(WeightsError, match="exists for mobilenet_v2 only"):
+        build_attribute_model(3, "imagenet", arch="small_cnn")
