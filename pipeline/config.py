@@ -147,8 +147,8 @@ class TrainConfig(_Section):
 
 
 class ExtractConfig(_Section):
-    # Embedding backbone: resnet50 (2048-d), attribute_backbone (trained model's pooled features), facenet.
-    embedding: Literal["resnet50", "attribute_backbone", "facenet"] = "resnet50"
+    # Embedding backbone: resnet50 (2048-d), attribute_backbone (trained model's pooled features), facenet, dlib (128-d face descriptor).
+    embedding: Literal["resnet50", "attribute_backbone", "facenet", "dlib"] = "resnet50"
     # Embedding weights: "imagenet", "none" (random init) or a path/URI to a state dict.
     embedding_weights: str = "none"
     # Input size in pixels for the embedding model.
@@ -172,6 +172,23 @@ class ExtractConfig(_Section):
     min_image_side: int = Field(default=16, ge=1)
     # Concurrent file reads inside one decode task (hides S3 latency; local disk barely needs it).
     read_threads: int = Field(default=16, ge=1)
+    # dlib embedding only: its CPU actor pool's lower bound (actors).
+    dlib_min_actors: int = Field(default=1, ge=1)
+    # dlib embedding only: its CPU actor pool's upper bound (autoscaling, actors).
+    dlib_max_actors: int = Field(default=1, ge=1)
+    # dlib embedding only: CPUs each dlib actor requests (dlib runs one thread per actor).
+    cpus_per_dlib_actor: float = Field(default=1.0, gt=0)
+    # dlib embedding only: images per dlib batch (one compute_face_descriptor call).
+    dlib_batch_size: int = Field(default=32, ge=1)
+    # dlib embedding only: times the HOG detector upsamples first (finds faces below ~80 px, ~4x cost each).
+    dlib_upsample: int = Field(default=0, ge=0, le=3)
+    # dlib embedding only: larger originals are downscaled so their longer side is this many px (0 = never).
+    dlib_max_side: int = Field(default=1024, ge=0)
+
+
+class WeightsConfig(_Section):
+    # Let stages download standard weights (torchvision "imagenet", facenet "vggface2"/"casia-webface") into the torch cache, hash-checked; off = a missing file is an error.
+    download: bool = False
 
 
 class ClusterConfig(_Section):
@@ -303,6 +320,7 @@ class Config(_Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    weights: WeightsConfig = Field(default_factory=WeightsConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
     explain: ExplainConfig = Field(default_factory=ExplainConfig)

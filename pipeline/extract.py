@@ -9,6 +9,12 @@ One Ray Data pipeline, streaming::
                                                      unusable files become rows with `error`
       -> infer                    ONE actor pool     _Infer: loads both models once per actor,
                                                      runs both on the same batch (one decode)
+      [-> dlib                    CPU actor pool     _DlibInfer, only for extract.embedding =
+                                                     "dlib": HOG detection, 5-point alignment,
+                                                     128-d descriptors of the ORIGINAL image;
+                                                     its own pool (extract.dlib_*_actors), so a
+                                                     GPU attribute pool and CPU dlib run side
+                                                     by side in one streaming pipeline]
       -> commit per shard         driver             features/part-<shard>.parquet and
                                                      errors/extract-<shard>.parquet, atomically
 
@@ -20,6 +26,11 @@ Batch fields between the steps (Arrow):
   normalisation runs on the device instead of in Python.
 * infer out: ``image_id``, ``uri``, ``shard``, ``error``, ``p_<Attribute>`` float32 and
   ``embedding`` fixed_size_list<float32>[D] (nulls on error rows).
+* with dlib, decode also emits ``orig`` (binary, the decoded RGB image at its own resolution,
+  longer side capped at ``extract.dlib_max_side``), ``orig_h``, ``orig_w`` (int32); infer passes
+  them on instead of ``embedding``; dlib out: infer's columns minus ``orig*``, plus ``embedding``
+  fixed_size_list<float32>[128] and ``face_detected`` bool (false: the detector found no face
+  and the fallback box of :func:`pipeline.dlib_face.fallback_box` was used).
 
 Resume. The manifest, sorted by ``image_id``, is cut into shards of ``extract.rows_per_file``
 rows. A shard is done when its ``features/part-<shard>.parquet`` exists (written after its error
@@ -59,8 +70,12 @@ STATE = "_state/extract.json"
 
 # --------------------------------------------------------------------------- schema
 
-def features_schema(attributes: list[str], dim: int) -> pa.Schema:
-    """``features/``: one row per usable image (design.md, Tables)."""
+def features_schema(attributes: list[str], dim: int, face_detected: bool = False) -> pa.Schema:
+    """``features/``: one row per usable image (design.md, Tables).
+
+    ``face_detected`` adds the boolean column of embeddings that detect the face first (dlib):
+    false where the detector found none and the fallback box was used.
+    """
     fields = [pa.field("image_id", pa.string(), nullable=False)]
     # probabilities (sigmoid of the attribute model's logits), one column per attribute
     fields += [pa.field(f"p_{a}", pa.float32(), nullable=False) for a in attributes]
@@ -68,16 +83,39 @@ def features_schema(attributes: list[str], dim: int) -> pa.Schema:
     # Arrow schema metadata), so readers without fixed-size lists see array<float>
     fields.append(pa.field("embedding", pa.list_(pa.field("item", pa.float32()), dim),
                            nullable=False))
+    if face_detected:
+        fields.append(pa.field("face_detected", pa.bool_(), nullable=False))
     return pa.schema(fields)
 
 
-def _infer_schema(attributes: list[str], dim: int) -> pa.Schema:
-    """The actor's output: features plus the routing columns; nullable for error rows."""
+_ROUTING = ("image_id", "uri", "shard", "error")
+# the original decoded image, for the dlib pool: RGB uint8 HWC bytes and its size
+_ORIGINAL = (pa.field("orig", pa.binary()), pa.field("orig_h", pa.int32()),
+             pa.field("orig_w", pa.int32()))
+
+
+def _infer_schema(attributes: list[str], dim: int | None) -> pa.Schema:
+    """The attribute actor's output: features plus the routing columns; nullable for error rows.
+
+    ``dim`` None: the embedding runs in the dlib pool next, so the original image passes through
+    instead of an embedding column.
+    """
     fields = [pa.field("image_id", pa.string()), pa.field("uri", pa.string()),
               pa.field("shard", pa.int32()), pa.field("error", pa.string())]
     fields += [pa.field(f"p_{a}", pa.float32()) for a in attributes]
-    fields.append(pa.field("embedding", pa.list_(pa.field("item", pa.float32()), dim)))
+    if dim is None:
+        fields += list(_ORIGINAL)
+    else:
+        fields.append(pa.field("embedding", pa.list_(pa.field("item", pa.float32()), dim)))
     return pa.schema(fields)
+
+
+def _dlib_schema(attributes: list[str]) -> pa.Schema:
+    """The dlib actor's output: the attribute actor's columns, the embedding and face_detected."""
+    from pipeline import dlib_face
+
+    fields = [f for f in _infer_schema(attributes, dlib_face.DIM)]
+    return pa.schema(fields + [pa.field("face_detected", pa.bool_())])
 
 
 # --------------------------------------------------------------------------- decode
@@ -86,14 +124,13 @@ class BadImage(ValueError):
     """An input that cannot be used; the message is the errors/ reason."""
 
 
-def decode_image(data: bytes | None, sizes: tuple[int, ...], min_side: int = 16
-                 ) -> list[np.ndarray]:
-    """Decode any image PIL reads into RGB uint8 arrays, one per square ``size``.
+def decode_rgb(data: bytes | None, min_side: int = 16, draft_side: int = 0):
+    """Decode any image PIL reads into an RGB ``PIL.Image`` at (about) its own resolution.
 
     Grayscale, CMYK, palette and alpha images are converted to RGB; a PNG (or any other format)
-    named ``.jpg`` is decoded by its content. The image is centre-cropped to a square, then
-    resized, so faces keep their aspect ratio whatever the source size. Raises :class:`BadImage`
-    for empty, truncated, corrupt or too small files.
+    named ``.jpg`` is decoded by its content. ``draft_side`` > 0 lets libjpeg decode a JPEG much
+    larger than needed at a reduced scale (DCT scaling), keeping both sides >= ``draft_side``.
+    Raises :class:`BadImage` for empty, truncated, corrupt or too small files.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -106,11 +143,8 @@ def decode_image(data: bytes | None, sizes: tuple[int, ...], min_side: int = 16
         w, h = im.size
         if min(w, h) < min_side:
             raise BadImage(f"image too small: {w}x{h} px (extract.min_image_side = {min_side})")
-        # JPEG only: let libjpeg decode at a reduced scale (DCT scaling) when the image is much
-        # larger than needed; draft keeps both sides >= the requested size.
-        big = max(sizes)
-        if im.format == "JPEG" and min(w, h) >= 2 * big:
-            im.draft("RGB", (big, big))
+        if draft_side and im.format == "JPEG" and min(w, h) >= 2 * draft_side:
+            im.draft("RGB", (draft_side, draft_side))
         im.load()  # decode now: truncated / corrupt data raises here, not later
         if im.mode != "RGB":
             if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -119,13 +153,7 @@ def decode_image(data: bytes | None, sizes: tuple[int, ...], min_side: int = 16
                 hi = float(arr.max()) or 1.0
                 im = Image.fromarray((arr * (255.0 / hi)).astype(np.uint8), "L")
             im = im.convert("RGB")  # L, LA, P, CMYK, RGBA, YCbCr ... -> RGB
-        w, h = im.size
-        s = min(w, h)
-        left, top = (w - s) // 2, (h - s) // 2
-        square = im.crop((left, top, left + s, top + s))
-        return [np.asarray(square.resize((n, n), Image.BILINEAR, reducing_gap=None
-                                         if s < 3 * n else 2.0), dtype=np.uint8)
-                for n in sizes]
+        return im
     except BadImage:
         raise
     except UnidentifiedImageError:
@@ -134,6 +162,42 @@ def decode_image(data: bytes | None, sizes: tuple[int, ...], min_side: int = 16
         raise BadImage(f"image too large: {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise BadImage(f"corrupt or truncated image: {exc}") from None
+
+
+def square_crops(im, sizes: tuple[int, ...]) -> list[np.ndarray]:
+    """Centre-crop an RGB image to a square, then resize it to each size (uint8 HWC arrays)."""
+    from PIL import Image
+
+    w, h = im.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    square = im.crop((left, top, left + s, top + s))
+    return [np.asarray(square.resize((n, n), Image.BILINEAR, reducing_gap=None
+                                     if s < 3 * n else 2.0), dtype=np.uint8)
+            for n in sizes]
+
+
+def original_pixels(im, max_side: int) -> np.ndarray:
+    """The RGB image as uint8 HWC, downscaled (aspect kept) when its longer side is > max_side."""
+    from PIL import Image
+
+    w, h = im.size
+    if max_side and max(w, h) > max_side:
+        f = max_side / max(w, h)
+        im = im.resize((max(1, round(w * f)), max(1, round(h * f))), Image.BILINEAR,
+                       reducing_gap=2.0)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def decode_image(data: bytes | None, sizes: tuple[int, ...], min_side: int = 16
+                 ) -> list[np.ndarray]:
+    """Decode any image PIL reads into RGB uint8 arrays, one per square ``size``.
+
+    :func:`decode_rgb` then :func:`square_crops`: the image is centre-cropped to a square, then
+    resized, so faces keep their aspect ratio whatever the source size. Raises :class:`BadImage`
+    for empty, truncated, corrupt or too small files.
+    """
+    return square_crops(decode_rgb(data, min_side, draft_side=max(sizes)), sizes)
 
 
 def _read_one(uri: str, storage_cfg: StorageConfig) -> tuple[bytes | None, str | None]:
@@ -151,29 +215,49 @@ def _read_one(uri: str, storage_cfg: StorageConfig) -> tuple[bytes | None, str |
 
 
 def _decode_block(block: pa.Table, *, storage_cfg: StorageConfig, sizes: tuple[int, ...],
-                  min_side: int, read_threads: int) -> pa.Table:
-    """Read and decode one block of manifest rows (a CPU task); never raises for a bad image."""
+                  min_side: int, read_threads: int, original_max_side: int | None = None
+                  ) -> pa.Table:
+    """Read and decode one block of manifest rows (a CPU task); never raises for a bad image.
+
+    ``original_max_side`` not None also keeps the original decoded image (``orig`` columns, for
+    the dlib pool), downscaled to that longer side when larger (0 = never).
+    """
     uris = block.column("uri").to_pylist()
     # reads are I/O: threads overlap S3 round trips; decoding stays on this task's one core
     with ThreadPoolExecutor(max_workers=min(read_threads, max(1, len(uris)))) as pool:
         read = list(pool.map(lambda u: _read_one(u, storage_cfg), uris))
+    keep = original_max_side is not None
+    # the original is wanted at full resolution: no JPEG draft beyond its own size cap
+    draft = (original_max_side or 0) if keep else max(sizes)
     errors: list[str | None] = []
     pixels: list[list[bytes | None]] = [[] for _ in sizes]
+    orig: list[bytes | None] = []
+    orig_hw: list[tuple[int | None, int | None]] = []
     for data, read_err in read:
         err = read_err
-        arrays = None
+        arrays = full = None
         if err is None:
             try:
-                arrays = decode_image(data, sizes, min_side)
+                im = decode_rgb(data, min_side, draft_side=draft)
+                arrays = square_crops(im, sizes)
+                if keep:
+                    full = original_pixels(im, original_max_side or 0)
             except BadImage as exc:
                 err = str(exc)
         errors.append(err)
         for i in range(len(sizes)):
             pixels[i].append(arrays[i].tobytes() if arrays is not None else None)
+        if keep:
+            orig.append(None if full is None else full.tobytes())
+            orig_hw.append((None, None) if full is None else full.shape[:2])
     out = block.select(["image_id", "uri", "shard"])
     out = out.append_column("error", pa.array(errors, pa.string()))
     for n, col in zip(sizes, pixels):
         out = out.append_column(f"px{n}", pa.array(col, pa.binary()))
+    if keep:
+        out = out.append_column(_ORIGINAL[0], pa.array(orig, pa.binary()))
+        out = out.append_column(_ORIGINAL[1], pa.array([hw[0] for hw in orig_hw], pa.int32()))
+        out = out.append_column(_ORIGINAL[2], pa.array([hw[1] for hw in orig_hw], pa.int32()))
     return out
 
 
@@ -203,14 +287,17 @@ class _Infer:
         self.info = info
         self.attributes = list(info.attributes)
         self.emb = build_embedding(cfg.extract.embedding, cfg.extract.embedding_weights,
-                                   cfg.storage, attribute_info=info, seed=_embedding_seed(cfg))
+                                   cfg.storage, attribute_info=info, seed=_embedding_seed(cfg),
+                                   download=cfg.weights.download)
+        # dlib: the embedding comes from the next actor pool; this one passes the original on
+        self.separate = self.emb.separate_pool
         # channels_last: faster convolutions with cuDNN and oneDNN alike (measured ~1.4x on CPU)
         self.attr_model = model.to(self.device, memory_format=torch.channels_last).eval()
         self.emb_model = (None if self.emb.module is None else
                           self.emb.module.to(self.device, memory_format=torch.channels_last).eval())
         self.attr_size = int(info.image_size)
         self.emb_size = self.attr_size if self.emb_model is None else cfg.extract.embedding_image_size
-        self.schema = _infer_schema(self.attributes, self.emb.dim)
+        self.schema = _infer_schema(self.attributes, None if self.separate else self.emb.dim)
 
         def norm(mean, std):
             m = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
@@ -234,7 +321,7 @@ class _Infer:
         xa = self._tensor(batch.column(f"px{self.attr_size}"), good, self.attr_size,
                           self.attr_norm)
         if self.emb_model is None:
-            return xa, None
+            return xa, None  # attribute_backbone (same forward pass) or a separate pool
         same = self.emb_size == self.attr_size and self.emb.mean == tuple(
             self.info.mean) and self.emb.std == tuple(self.info.std)
         xe = xa if same else self._tensor(batch.column(f"px{self.emb_size}"), good,
@@ -250,9 +337,12 @@ class _Infer:
         with torch.inference_mode(), amp:
             feats = self.attr_model.embed(xa)
             logits = self.attr_model.head(feats)  # eval: dropout is the identity
+            probs = torch.sigmoid(logits.float()).cpu().numpy()
+            if self.separate:
+                return probs, None
             # attribute_backbone: the same forward pass gives the embedding
             e = feats if self.emb_model is None else self.emb_model(xe)
-            return torch.sigmoid(logits.float()).cpu().numpy(), e.float().cpu().numpy()
+            return probs, e.float().cpu().numpy()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
@@ -269,12 +359,53 @@ class _Infer:
             full = np.zeros(n, np.float32)
             full[good] = probs[:, j]
             cols.append(pa.array(full, pa.float32(), mask=mask))
-        flat = np.zeros((n, self.emb.dim), np.float32)
-        flat[good] = emb
-        emb_arr = pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel(), pa.float32()),
-                                                    self.emb.dim, mask=pa.array(mask))
-        arrays = [batch.column("image_id"), batch.column("uri"), batch.column("shard"),
-                  batch.column("error")] + cols + [emb_arr]
+        if self.separate:
+            tail = [batch.column(f.name) for f in _ORIGINAL]
+        else:
+            tail = [_embedding_array(emb, good, mask, self.emb.dim)]
+        arrays = [batch.column(c) for c in _ROUTING] + cols + tail
+        return pa.Table.from_arrays([a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a
+                                     for a in arrays], schema=self.schema)
+
+
+def _embedding_array(emb: np.ndarray, good: np.ndarray, mask: np.ndarray, dim: int
+                     ) -> pa.FixedSizeListArray:
+    """Embeddings of the usable rows scattered to the batch's rows; error rows are null."""
+    flat = np.zeros((len(mask), dim), np.float32)
+    flat[good] = emb
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel(), pa.float32()), dim,
+                                             mask=pa.array(mask))
+
+
+class _DlibInfer:
+    """One dlib actor (CPU): detect, align and describe the original image of each usable row."""
+
+    def __init__(self, attributes: list[str], upsample: int):
+        from pipeline.dlib_face import FaceEmbedder
+
+        self.model = FaceEmbedder(upsample=upsample)
+        self.schema = _dlib_schema(attributes)
+        self.attributes = list(attributes)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from pipeline import dlib_face
+
+        n = batch.num_rows
+        good = np.flatnonzero(pc.is_null(batch.column("error")).to_numpy(zero_copy_only=False))
+        mask = np.ones(n, bool)
+        mask[good] = False
+        idx = pa.array(good)
+        data = batch.column("orig").take(idx).to_pylist()
+        hs = batch.column("orig_h").take(idx).to_pylist()
+        ws = batch.column("orig_w").take(idx).to_pylist()
+        images = [np.frombuffer(b, np.uint8).reshape(h, w, 3) for b, h, w in zip(data, hs, ws)]
+        emb, detected = self.model.embed(images)
+        found = np.zeros(n, bool)
+        found[good] = detected
+        keep = [batch.column(c) for c in _ROUTING]
+        keep += [batch.column(f"p_{a}") for a in self.attributes]
+        arrays = keep + [_embedding_array(emb, good, mask, dlib_face.DIM),
+                         pa.array(found, pa.bool_(), mask=mask)]
         return pa.Table.from_arrays([a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a
                                      for a in arrays], schema=self.schema)
 
@@ -328,20 +459,27 @@ def _gpus_per_actor(cfg: Config) -> float:
     return float(want) if resolve_use_gpu(cfg, True) else 0.0
 
 
-def _check_resources(cfg: Config, gpus: float) -> None:
-    """Refuse configs whose actor pool would leave no CPU for the decode tasks (a hang)."""
+def _check_resources(cfg: Config, gpus: float, dlib: bool = False) -> None:
+    """Refuse configs whose actor pools would leave no CPU for the decode tasks (a hang)."""
     from pipeline.ray_runtime import cluster_cpus
 
     e = cfg.extract
     have = cluster_cpus()
     need = e.cpus_per_actor * e.min_actors + e.cpus_per_decode_task
-    if have and need > have:
+    dlib_need = e.cpus_per_dlib_actor * e.dlib_min_actors if dlib else 0.0
+    if have and need + dlib_need > have:
         raise ValueError(
-            f"extract needs {need:g} CPUs (min_actors {e.min_actors} x cpus_per_actor "
-            f"{e.cpus_per_actor:g} + one decode task {e.cpus_per_decode_task:g}) but the Ray "
-            f"cluster has {have:g}; lower extract.cpus_per_actor / min_actors")
+            f"extract needs {need + dlib_need:g} CPUs (min_actors {e.min_actors} x "
+            f"cpus_per_actor {e.cpus_per_actor:g} + one decode task {e.cpus_per_decode_task:g}"
+            + (f" + dlib_min_actors {e.dlib_min_actors} x cpus_per_dlib_actor "
+               f"{e.cpus_per_dlib_actor:g}" if dlib else "")
+            + f") but the Ray cluster has {have:g}; lower extract.cpus_per_actor / min_actors"
+            + (" / cpus_per_dlib_actor / dlib_min_actors" if dlib else ""))
     if e.max_actors < e.min_actors:
         raise ValueError(f"extract.max_actors ({e.max_actors}) < min_actors ({e.min_actors})")
+    if dlib and e.dlib_max_actors < e.dlib_min_actors:
+        raise ValueError(f"extract.dlib_max_actors ({e.dlib_max_actors}) < dlib_min_actors "
+                         f"({e.dlib_min_actors})")
 
 
 def _commit_shard(cfg: Config, shard: int, parts: list[pa.Table], schema: pa.Schema,
@@ -402,14 +540,18 @@ def run(cfg: Config) -> dict:
     model_sha = hashlib.sha256(storage.read_bytes(model_loc.join("model.pt"))).hexdigest()
     # built here once so that bad weights fail before any work starts (and to learn dim/version)
     emb = build_embedding(e.embedding, e.embedding_weights, cfg.storage, attribute_info=info,
-                          seed=_embedding_seed(cfg))
+                          seed=_embedding_seed(cfg), download=cfg.weights.download)
     emb.module = None  # the actors build their own; the driver only needed dim and version
-    emb_size = info.image_size if e.embedding == "attribute_backbone" else e.embedding_image_size
+    # the square size the embedding model reads; attribute_backbone and dlib read none of their own
+    emb_size = (info.image_size if e.embedding == "attribute_backbone" or emb.separate_pool
+                else e.embedding_image_size)
     sizes = tuple(sorted({int(info.image_size), int(emb_size)}))
-    schema = features_schema(list(info.attributes), emb.dim)
+    schema = features_schema(list(info.attributes), emb.dim, face_detected=emb.separate_pool)
+    # dlib's own settings change its output; other embeddings keep their earlier fingerprint
+    dlib_settings = (e.dlib_upsample, e.dlib_max_side) if emb.separate_pool else ()
 
     fingerprint = _digest(FEATURES_FORMAT, _manifest_digest(manifest), model_sha, emb.name,
-                          emb.version, sizes, e.rows_per_file, e.min_image_side)
+                          emb.version, sizes, e.rows_per_file, e.min_image_side, *dlib_settings)
     metadata = {
         "faceaudit.features_format": FEATURES_FORMAT,
         "faceaudit.attribute_model": info.arch,
@@ -421,10 +563,22 @@ def run(cfg: Config) -> dict:
         "faceaudit.embedding_weights": emb.weights,
         "faceaudit.embedding_dim": str(emb.dim),
         "faceaudit.embedding_image_size": str(emb_size),
+        "faceaudit.embedding_origin": emb.origin,
+        "faceaudit.attribute_model_origin": (f"trained by this run's train_attributes stage "
+                                             f"({model_loc.join('model.pt').uri})"),
         "faceaudit.torch": torch.__version__,
         "faceaudit.torchvision": torchvision.__version__,
         "faceaudit.fingerprint": fingerprint,
     }
+    if emb.separate_pool:
+        from pipeline import dlib_face
+
+        metadata.update({f"faceaudit.embedding_sha256.{name}": digest
+                         for name, digest in dlib_face.weights_sha256().items()})
+        metadata["faceaudit.embedding_image_size"] = (
+            f"original (longer side <= {e.dlib_max_side} px), {dlib_face.CHIP_SIZE} px chips"
+            if e.dlib_max_side else f"original, {dlib_face.CHIP_SIZE} px chips")
+        metadata["faceaudit.dlib_upsample"] = str(e.dlib_upsample)
 
     # --- resume or start clean
     state_loc = tables.root(cfg).join(*STATE.split("/"))
@@ -458,7 +612,7 @@ def run(cfg: Config) -> dict:
     counts = {"features_rows_new": 0, "error_rows_new": 0}
     device = "cuda" if gpus > 0 else "cpu"
     if work.num_rows:
-        _check_resources(cfg, gpus)
+        _check_resources(cfg, gpus, dlib=emb.separate_pool)
         # blocks of batch_size rows: one decode task per inference batch, and enough blocks
         # that decoding runs ahead of the actors
         blocks = [work.slice(i, e.batch_size) for i in range(0, work.num_rows, e.batch_size)]
@@ -467,13 +621,25 @@ def run(cfg: Config) -> dict:
             _decode_block, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
             num_cpus=e.cpus_per_decode_task,
             fn_kwargs={"storage_cfg": cfg.storage, "sizes": sizes,
-                       "min_side": e.min_image_side, "read_threads": e.read_threads})
+                       "min_side": e.min_image_side, "read_threads": e.read_threads,
+                       "original_max_side": e.dlib_max_side if emb.separate_pool else None})
         ds = ds.map_batches(
             _Infer, batch_format="pyarrow", batch_size=e.batch_size, zero_copy_batch=True,
             compute=ray.data.ActorPoolStrategy(min_size=e.min_actors, max_size=e.max_actors),
             num_cpus=e.cpus_per_actor, num_gpus=gpus,
             fn_constructor_kwargs={"cfg": cfg, "use_gpu": gpus > 0,
                                    "threads": max(1, int(round(e.cpus_per_actor)))})
+        if emb.separate_pool:
+            # dlib on CPU in its own autoscaled pool: a GPU attribute pool never waits on it
+            # beyond what the slower pool dictates (Ray Data's backpressure between the two)
+            ds = ds.map_batches(
+                _DlibInfer, batch_format="pyarrow", batch_size=e.dlib_batch_size,
+                zero_copy_batch=True,
+                compute=ray.data.ActorPoolStrategy(min_size=e.dlib_min_actors,
+                                                   max_size=e.dlib_max_actors),
+                num_cpus=e.cpus_per_dlib_actor,
+                fn_constructor_kwargs={"attributes": list(info.attributes),
+                                       "upsample": e.dlib_upsample})
         pending: dict[int, list[pa.Table]] = {}
         got: dict[int, int] = {}
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -505,6 +671,12 @@ def run(cfg: Config) -> dict:
                            f"rows + {len(err_ids)} error rows for {n} images")
     storage.write_json(state_loc, {"fingerprint": fingerprint, "complete": True,
                                    "shards": n_shards, "images": n})
+    faces = {}
+    if emb.separate_pool:
+        det = tables.read(cfg, "features", columns=["face_detected"])["face_detected"]
+        found = int(pc.sum(det).as_py() or 0)
+        # rows whose embedding came from the fallback box, not a detected face
+        faces = {"faces_detected": found, "face_fallbacks": len(det) - found}
     seconds = time.time() - t0
     return {
         "images": n,
@@ -515,8 +687,10 @@ def run(cfg: Config) -> dict:
         **counts,
         "embedding": emb.name,
         "embedding_dim": emb.dim,
+        **faces,
         "device": device,
         "actors": [e.min_actors, e.max_actors],
+        **({"dlib_actors": [e.dlib_min_actors, e.dlib_max_actors]} if emb.separate_pool else {}),
         "seconds": round(seconds, 2),
         "images_per_s": round(sum(expected.values()) / seconds, 2) if expected else 0.0,
     }

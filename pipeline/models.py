@@ -3,8 +3,9 @@
 Weights are named by a spec string (design.md, "Models and weights"):
 
 * ``"none"``: random initialisation (tests, the demo);
-* ``"imagenet"``: torchvision's ImageNet weights, *only* if already in the torch hub cache
-  (``$TORCH_HOME/hub/checkpoints``); nothing here downloads;
+* ``"imagenet"``: torchvision's ImageNet weights from the torch hub cache
+  (``$TORCH_HOME/hub/checkpoints``); when missing they are downloaded there by torch.hub, with
+  its hash check, only if the run allows it (``weights.download``), else an error names the file;
 * a path or ``s3://`` URI of a state dict saved with ``torch.save(model.state_dict())``.
 
 A missing or mismatched weight file is an error naming the alternatives, never a silent
@@ -17,9 +18,11 @@ names, image size, normalisation, metrics); :func:`load_attribute_model` reads t
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -44,20 +47,74 @@ class WeightsError(ValueError):
     """Weights that cannot be loaded; the message names the spec and the alternatives."""
 
 
-_ALTERNATIVES = ('use "none" for random initialisation, "imagenet" with torchvision\'s weights '
-                 'already in the torch cache ($TORCH_HOME/hub/checkpoints), or a path / s3:// '
-                 'URI of a state dict')
+_ALTERNATIVES = ('use "none" for random initialisation, "imagenet" (torchvision\'s weights, in the '
+                 'torch cache or downloaded with weights.download = true), or a path / s3:// URI '
+                 'of a state dict')
+
+# torch.hub's convention: a file name "<name>-<first hex digits of its sha256>.<ext>"
+_HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,})\.")
 
 
-def _imagenet_state_dict(weights_enum) -> dict[str, torch.Tensor]:
-    url = weights_enum.url
+def cache_path(url: str) -> str:
+    """Where torch's own download mechanism keeps ``url``: ``$TORCH_HOME/hub/checkpoints/<file>``."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_weights_file(url: str, download: bool, what: str = "weights") -> str:
+    """The local path of the standard weights file ``url``, downloaded first when allowed.
+
+    The file lives in the torch cache (:func:`cache_path`). When it is missing and ``download``
+    is on, torch.hub's ``download_url_to_file`` fetches it with its hash check (the sha256 prefix
+    in torchvision's file names); when ``download`` is off the error names the file and the cache
+    path. A cached file whose sha256 does not start with that prefix is refused as corrupted.
+    """
+    path = cache_path(url)
     fname = os.path.basename(url)
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", fname)
+    m = _HASH_IN_NAME.search(fname)
+    prefix = m.group(1) if m else None
     if not os.path.exists(path):
-        raise WeightsError(f'pretrained "imagenet" needs {path} (torchvision\'s {fname}), which '
-                           f"is not in the torch cache and is never downloaded at run time; "
-                           f"copy it there, or {_ALTERNATIVES}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+        if not download:
+            raise WeightsError(
+                f"{what} need {path} ({fname}), which is not in the torch cache, and downloads "
+                f"are off; set weights.download = true (or run `python -m jobs.fetch_weights "
+                f"--config ...` once with it on), copy the file there, or {_ALTERNATIVES}")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            # torch.hub writes to a temp file and moves it into place only after the hash check
+            torch.hub.download_url_to_file(url, path, hash_prefix=prefix, progress=False)
+        except RuntimeError as exc:
+            if "hash" in str(exc).lower():
+                raise WeightsError(f"downloaded {url} does not match its published hash ({exc}); "
+                                   f"nothing was written to {path}; retry, or copy a good file "
+                                   f"there") from None
+            raise
+        except OSError as exc:  # URLError, timeouts, refused connections
+            raise WeightsError(f"could not download {what} from {url}: {exc}; check the network "
+                               f"or copy {fname} to {path}") from None
+    if prefix is not None:
+        got = _sha256(path)
+        if not got.startswith(prefix):
+            raise WeightsError(f"{path} is corrupted: its sha256 starts {got[:len(prefix)]}, its "
+                               f"name says {prefix}; delete it and fetch it again "
+                               f"(weights.download = true) or copy a good file there")
+    return path
+
+
+def _imagenet_state_dict(weights_enum, download: bool = False) -> dict[str, torch.Tensor]:
+    path = fetch_weights_file(weights_enum.url, download, 'pretrained "imagenet"')
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file in the cache
+        raise WeightsError(f"{path} cannot be read as a state dict ({type(exc).__name__}: "
+                           f"{exc}); delete it and fetch it again") from None
 
 
 def load_state_dict(spec: str, storage_cfg: StorageConfig | None = None) -> dict[str, torch.Tensor]:
@@ -137,8 +194,12 @@ class AttributeNet(nn.Module):
 
 def build_attribute_model(n_attributes: int, pretrained: str = "none",
                           storage_cfg: StorageConfig | None = None,
+                          download: bool = False,
                           arch: str = "mobilenet_v2") -> AttributeNet:
-    """A fresh attribute model; ``pretrained`` initialises the backbone (the head is new)."""
+    """A fresh attribute model; ``pretrained`` initialises the backbone (the head is new).
+
+    ``download`` lets ``"imagenet"`` fetch torchvision's file into the torch cache when missing.
+    """
     model = AttributeNet(n_attributes, arch=arch)
     if pretrained == "none":
         return model
@@ -148,7 +209,7 @@ def build_attribute_model(n_attributes: int, pretrained: str = "none",
     if pretrained == "imagenet":
         from torchvision.models import MobileNet_V2_Weights
 
-        state = _imagenet_state_dict(MobileNet_V2_Weights.IMAGENET1K_V1)
+        state = _imagenet_state_dict(MobileNet_V2_Weights.IMAGENET1K_V1, download)
         state = {k: v for k, v in state.items() if k.startswith("features.")}
     else:
         state = load_state_dict(pretrained, storage_cfg)

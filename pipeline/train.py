@@ -169,6 +169,7 @@ def _run(cfg: Config, *, fail_after_epoch: int | None = None) -> dict:
         "batch_size": t.batch_size, "lr": t.lr, "weight_decay": t.weight_decay,
         "schedule": t.schedule, "pos_weight": pos_weight, "augment": t.augment,
         "pretrained": t.pretrained, "arch": t.arch, "storage": cfg.storage.model_dump(),
+        "download_weights": cfg.weights.download,
         "seed": cfg.run.seed, "steps_per_epoch": steps_per_epoch,
         "max_steps_per_epoch": t.max_steps_per_epoch, "drop_last": drop_last,
         "shuffle_buffer": t.shuffle_buffer_batches * t.batch_size,
@@ -684,7 +685,7 @@ def _train_loop(c: dict) -> None:
     n_attr = len(c["attributes"])
     torch.manual_seed(derive_seed(c["seed"], STAGE, "init"))
     model = build_attribute_model(n_attr, c["pretrained"], StorageConfig(**c["storage"]),
-                                  arch=c["arch"])
+                                  download=c.get("download_weights", False), arch=c["arch"])
 
     state = None
     checkpoint = ray.train.get_checkpoint()

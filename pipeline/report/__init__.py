@@ -11,6 +11,7 @@
 - Bias (``_bias``): demographic composition per cluster with chi-square.
 - Classifiers (``_classifiers``): per-cluster / per-group metrics with CIs, gaps, undersampling.
 - Explanations (``_explain``): SHAP importance per cluster vs global, rank agreement, beeswarms.
+- Models and weights (``_models``): every network, its weights and their origin.
 - Run (``_runinfo``): stage status, timings, row counts, versions, config.
 
 The report never recomputes results: every number and plot comes from a stage table (the mean
@@ -26,13 +27,13 @@ import logging
 from pipeline import storage
 from pipeline.config import Config
 from pipeline.report import (_attributes, _bias, _classifiers, _clusters, _data, _explain,
-                             _runinfo)
+                             _models, _runinfo)
 from pipeline.report._context import Context, ReportDataError, h, note, slug
 from pipeline.report._page import render
 
 log = logging.getLogger(__name__)
 
-SECTIONS = (_data, _attributes, _clusters, _bias, _classifiers, _explain, _runinfo)
+SECTIONS = (_data, _models, _attributes, _clusters, _bias, _classifiers, _explain, _runinfo)
 INDEX = "index.html"
 
 
