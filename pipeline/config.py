@@ -104,8 +104,8 @@ class RayConfig(_Section):
 class TrainConfig(_Section):
     # Attributes the model predicts; empty means every boolean attribute in the manifest.
     attributes: list[str] = Field(default_factory=list)
-    # Backbone architecture (torchvision name).
-    arch: Literal["mobilenet_v2"] = "mobilenet_v2"
+    # Backbone: mobilenet_v2 (torchvision) or small_cnn (4 conv blocks; learns from few images on CPU).
+    arch: Literal["mobilenet_v2", "small_cnn"] = "mobilenet_v2"
     # Initial weights: "imagenet" (torch cache only), "none" (random), or a path/URI to a state dict.
     pretrained: str = "none"
     # Square input size in pixels after resize.
@@ -146,6 +146,9 @@ class TrainConfig(_Section):
     max_failures: int = Field(default=0, ge=0)
     # Log progress (step, loss, images/s) every N training steps on rank 0.
     log_every_steps: int = Field(default=20, ge=1)
+    # Apply this attribute model instead of training one: another run's models/attributes folder,
+    # or a model.pt with its model.json beside it (local or s3://); empty = train here.
+    model_from: str = ""
 
     @field_validator("use_gpu", mode="before")
     @classmethod

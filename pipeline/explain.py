@@ -325,6 +325,12 @@ def _read_specs(cfg: Config) -> list[ModelSpec]:
     from pipeline.run import StageSkipped
 
     if not tables.exists(cfg, "classifiers/models"):
+        from pipeline import runlog
+
+        rec = runlog.stage_record(cfg, "classify") or {}
+        if rec.get("status") == "skipped":  # e.g. the target is not annotated in this dataset
+            raise StageSkipped("classify was skipped, so there is no classifier to explain ("
+                               + str((rec.get("details") or {}).get("reason", "")) + ")")
         raise ExplainError(f"no classifiers/models table under {cfg.output.root}; run the "
                            "classify stage first (python -m jobs.classify)")
     t = tables.read(cfg, "classifiers/models").to_pylist()

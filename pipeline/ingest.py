@@ -24,9 +24,12 @@ listing did not follow, a file name that is not UTF-8), and every good row is ke
 column with a reserved name (:data:`RESERVED_COLUMNS`) is an error naming it.
 A root that cannot be read (bad endpoint, missing bucket, wrong keys) fails first, in one line.
 
-Splits: CelebA's official partition; datasets without one get a split drawn from
-``derive_seed(run.seed, "ingest", "split")`` in ``data.split_fractions`` (LFW by person, so one
-person's images never straddle train and test).
+Splits (:func:`draw_split`, checked by :func:`check_split`): CelebA's official partition when it
+gives train, val and test rows; otherwise (no partition file, or one of train rows only, as in a
+subset of the official train partition) a split drawn from ``derive_seed(run.seed, "ingest",
+"split")`` in ``data.split_fractions``: identity-disjoint where identities are known (CelebA's
+identity file, LFW's person folders), by image where they are not (UTKFace, folders). run.json's
+``split_rule`` and the report say which rule made the split.
 """
 
 from __future__ import annotations
@@ -369,6 +372,88 @@ def _split_seed(cfg: Config) -> int:
     return derive_seed(cfg.run.seed, "ingest", "split")
 
 
+class SplitError(ValueError):
+    """A split that breaks its own rule (a person in two splits of an identity-disjoint split)."""
+
+
+# How the manifest's split was made (run.json `split_rule`, the report's Data section).
+SPLIT_OFFICIAL = "official"  # the dataset's own partition file, used as is
+SPLIT_BY_IDENTITY = "seeded, identity-disjoint"  # drawn from run.seed, one person in one split
+SPLIT_BY_IMAGE = "seeded, by image"  # drawn from run.seed; no identities known
+
+
+def _has_usable_split(df: pl.DataFrame, details: dict) -> bool:
+    """An official partition that gives train, val and test rows (after data.limit)."""
+    source = str(details.get("split_source", ""))
+    if source.startswith("seeded") or "split" not in df.columns:
+        return False
+    present = set(df["split"].drop_nulls().unique().to_list())
+    return present >= set(SPLITS)
+
+
+def _split_groups(df: pl.DataFrame) -> tuple[pl.Expr, str | None]:
+    """What keeps images together in a drawn split: the person where known, else the image."""
+    if "identity" in df.columns and df["identity"].is_not_null().any():
+        # An image whose identity is unknown (a bad identity line) is a group of its own.
+        key = pl.when(pl.col("identity").is_not_null()).then(
+            pl.lit("id:") + pl.col("identity").cast(pl.Utf8)).otherwise(
+            pl.lit("img:") + pl.col("image_id"))
+        who = "person" if "person" in df.columns and df["person"].is_not_null().any() else "identity"
+        return key, who
+    return pl.lit("img:") + pl.col("image_id"), None
+
+
+def draw_split(cfg: Config, df: pl.DataFrame, details: dict) -> pl.DataFrame:
+    """Keep a usable official split, or draw one from ``run.seed`` (identity-disjoint if possible).
+
+    "Usable" means the official partition gives train, val and test rows; a partition file of
+    train rows only (a CelebA subset cut from the official train partition) is not. Where the
+    manifest knows who is pictured (CelebA's identity file, LFW's person folders) the draw keeps
+    each person in one split; otherwise (UTKFace, plain folders) it splits by image, and says so.
+    Records ``split_rule`` (and what it was drawn on) in ``details``.
+    """
+    if _has_usable_split(df, details):
+        details["split_rule"] = f"{SPLIT_OFFICIAL} ({details.get('split_source')})"
+        return df
+    key, who = _split_groups(df)
+    df = df.with_columns(key.alias("_group"))
+    groups = df.group_by("_group").len().sort("_group")
+    split = seeded_splits(groups["_group"].to_numpy(), groups["len"].to_numpy(),
+                          cfg.data.split_fractions, _split_seed(cfg))
+    lookup = pl.DataFrame({"_group": groups["_group"], "split": split.tolist()},
+                          schema={"_group": pl.Utf8, "split": pl.Utf8})
+    df = (df.drop("split", strict=False).join(lookup, on="_group", how="left").drop("_group")
+          .sort("image_id"))
+    why = ("no official partition" if str(details.get("split_source", "")).startswith("seeded")
+           or "split_source" not in details else
+           f"the official partition ({details['split_source']}) lacks a val or test split")
+    if who is None:
+        details["split_rule"] = (f"{SPLIT_BY_IMAGE} ({why}; no identities known, so one person "
+                                 f"may appear in two splits)")
+    else:
+        details["split_rule"] = f"{SPLIT_BY_IDENTITY} by {who} ({why})"
+    details["split_groups"] = groups.height
+    return df
+
+
+def check_split(df: pl.DataFrame, details: dict) -> int:
+    """Identities found in more than one split; raises :class:`SplitError` if the rule forbids it.
+
+    Run on every manifest: a drawn identity-disjoint split must have none; for an official or
+    by-image split the count is recorded (CelebA's official partition is identity-disjoint).
+    """
+    if "identity" not in df.columns or not df["identity"].is_not_null().any():
+        details["identities_in_two_splits"] = None
+        return 0
+    spread = (df.filter(pl.col("identity").is_not_null()).group_by("identity")
+              .agg(pl.col("split").n_unique().alias("n")).filter(pl.col("n") > 1))
+    details["identities_in_two_splits"] = spread.height
+    if spread.height and str(details.get("split_rule", "")).startswith(SPLIT_BY_IDENTITY):
+        raise SplitError(f"identity-disjoint split broken: {spread.height} identities (e.g. "
+                         f"{spread['identity'].head(3).to_list()}) are in more than one split")
+    return spread.height
+
+
 # ---------------------------------------------------------------------------------------------
 # Adapters: each returns (manifest frame, errors frame, attribute names, details)
 
@@ -607,6 +692,8 @@ def _build(cfg: Config, listing: pl.DataFrame | None = None) -> tuple[pa.Table, 
         order = np.random.default_rng(derive_seed(cfg.run.seed, "ingest", "limit")).permutation(
             df.height)[: cfg.data.limit]
         df = df[np.sort(order)]
+    df = draw_split(cfg, df, details)  # after the limit: the subset gets all three splits
+    check_split(df, details)
     manifest = storage.conform(df.select([f.name for f in schema]).to_arrow(), schema)
     errs = [e for e in err_frames if e.height]
     err_df = pl.concat([e.select(list(_ERR_COLS)).cast(_ERR_COLS) for e in errs], how="vertical") \

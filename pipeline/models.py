@@ -145,19 +145,45 @@ def _apply(model: nn.Module, state: dict[str, torch.Tensor], spec: str, strict_p
     model.load_state_dict(state, strict=False)
 
 
+ATTRIBUTE_ARCHS = ("mobilenet_v2", "small_cnn")
+SMALL_CNN_CHANNELS = (32, 64, 128, 256)
+
+
+def _small_cnn_features() -> nn.Sequential:
+    """Four conv-BN-ReLU-maxpool blocks (32 ... 256 channels): learns from a few hundred faces on
+    CPU, where MobileNetV2 from random init still predicts priors (docs/train.md)."""
+    layers, c_in = [], 3
+    for c_out in SMALL_CNN_CHANNELS:
+        layers.append(nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                                    nn.BatchNorm2d(c_out), nn.ReLU(inplace=True), nn.MaxPool2d(2)))
+        c_in = c_out
+    return nn.Sequential(*layers)
+
+
 class AttributeNet(nn.Module):
-    """MobileNetV2 with one logit per attribute; ``embed`` gives the pooled 1280-d features."""
+    """A backbone with one logit per attribute; ``embed`` gives the pooled features.
 
-    def __init__(self, n_attributes: int, dropout: float = 0.2):
+    ``arch``: ``mobilenet_v2`` (1280-d features) or ``small_cnn`` (256-d); both keep their
+    parameters under ``features.*`` and ``head.*``.
+    """
+
+    def __init__(self, n_attributes: int, dropout: float = 0.2, arch: str = "mobilenet_v2"):
         super().__init__()
-        from torchvision.models import mobilenet_v2
+        if arch == "mobilenet_v2":
+            from torchvision.models import mobilenet_v2
 
-        base = mobilenet_v2(weights=None)
-        self.features = base.features
+            base = mobilenet_v2(weights=None)
+            self.features, dim = base.features, base.last_channel
+        elif arch == "small_cnn":
+            self.features, dim = _small_cnn_features(), SMALL_CNN_CHANNELS[-1]
+        else:
+            raise WeightsError(f"unknown attribute model architecture {arch!r}; known: "
+                               f"{list(ATTRIBUTE_ARCHS)}")
+        self.arch = arch
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(base.last_channel, n_attributes)
-        self.embedding_dim = base.last_channel
+        self.head = nn.Linear(dim, n_attributes)
+        self.embedding_dim = dim
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.pool(self.features(x)), 1)
@@ -168,14 +194,18 @@ class AttributeNet(nn.Module):
 
 def build_attribute_model(n_attributes: int, pretrained: str = "none",
                           storage_cfg: StorageConfig | None = None,
-                          download: bool = False) -> AttributeNet:
+                          download: bool = False,
+                          arch: str = "mobilenet_v2") -> AttributeNet:
     """A fresh attribute model; ``pretrained`` initialises the backbone (the head is new).
 
     ``download`` lets ``"imagenet"`` fetch torchvision's file into the torch cache when missing.
     """
-    model = AttributeNet(n_attributes)
+    model = AttributeNet(n_attributes, arch=arch)
     if pretrained == "none":
         return model
+    if pretrained == "imagenet" and arch != "mobilenet_v2":
+        raise WeightsError(f'pretrained "imagenet" exists for mobilenet_v2 only, not {arch!r}; '
+                           f'use "none" or a path / s3:// URI of a state dict')
     if pretrained == "imagenet":
         from torchvision.models import MobileNet_V2_Weights
 
@@ -199,6 +229,8 @@ class AttributeModelInfo:
     thresholds: list[float] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     version: str = ""
+    # What the model was trained on (dataset, data root, split rule, rows per split); {} if unknown.
+    trained_on: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -225,7 +257,7 @@ def load_attribute_model(loc: storage.Location) -> tuple[AttributeNet, Attribute
         raise WeightsError(f"no trained attribute model at {loc.uri} (model.json missing); run "
                            f"the train_attributes stage first")
     info = AttributeModelInfo.from_json(storage.read_bytes(meta_loc).decode())
-    model = AttributeNet(len(info.attributes))
+    model = AttributeNet(len(info.attributes), arch=info.arch)
     state = torch.load(io.BytesIO(storage.read_bytes(loc.join("model.pt"))), map_location="cpu",
                        weights_only=True)
     _apply(model, state, loc.join("model.pt").uri)

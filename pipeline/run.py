@@ -24,7 +24,14 @@ log = logging.getLogger(__name__)
 
 
 class StageSkipped(Exception):
-    """Raised by a stage that has nothing to do for this config (the reason is recorded)."""
+    """Raised by a stage that has nothing to do for this config (the reason is recorded).
+
+    ``details`` (optional) are recorded in run.json beside the reason.
+    """
+
+    def __init__(self, reason: str, details: dict | None = None):
+        super().__init__(reason)
+        self.details = dict(details or {})
 
 
 @dataclass(frozen=True)
@@ -117,9 +124,10 @@ def _run_stage(cfg: Config, stage: Stage, force: bool) -> dict:
             result = module.run(cfg) or {}
         except StageSkipped as why:
             details["_status"] = "skipped"
+            details.update(why.details)
             details["reason"] = str(why)
             log.warning("[%s] skipped: %s", name, why)
-            return {"skipped": True, "reason": str(why)}
+            return {**why.details, "skipped": True, "reason": str(why)}
         except Exception as exc:
             # One line that names the stage in `ray job logs`, above the traceback.
             log.error("[%s] failed after %.1f s: %s: %s", name, time.time() - t0,

@@ -88,6 +88,16 @@ class TrainInputError(ValueError):
     """The manifest or config cannot be trained on; raised before any training starts."""
 
 
+class ModelSourceError(ValueError):
+    """``train.model_from`` names no usable exported attribute model."""
+
+
+NO_LABELS = ("the manifest has no attribute labels (dataset {dataset!r}), so there is nothing to "
+             "train an attribute model on; set train.model_from to a model trained elsewhere: "
+             "the models/attributes folder of another run (local or s3://, e.g. "
+             "runs/celeba/models/attributes) or a model.pt with its model.json beside it")
+
+
 def run(cfg: Config) -> dict:
     """Train, export the best model, evaluate on test; returns row counts and headline numbers."""
     return _run(cfg)
@@ -109,12 +119,16 @@ def _run(cfg: Config, *, fail_after_epoch: int | None = None) -> dict:
     from pipeline.run import StageSkipped, fingerprints
 
     t = cfg.train
+    if t.model_from:
+        adopted = adopt_model(cfg)
+        raise StageSkipped(f"attribute model taken from {t.model_from} (train.model_from), "
+                           f"trained on {describe_training(adopted['trained_on'])}; nothing is "
+                           f"trained in this run", adopted)
     # --- everything that can be wrong with the input is checked before any work starts ---
     manifest = tables.read(cfg, "manifest")
     attributes = _resolve_attributes(cfg, manifest.schema)
     if not attributes:
-        raise StageSkipped("the manifest has no attribute labels (dataset "
-                           f"{cfg.data.dataset!r}) and train.attributes is empty")
+        raise TrainInputError(NO_LABELS.format(dataset=cfg.data.dataset))
     use_gpu = resolve_use_gpu(cfg, t.use_gpu)
     splits, label_errors = _split_rows(manifest, attributes)
     for split in ("train", "val", "test"):
@@ -154,7 +168,7 @@ def _run(cfg: Config, *, fail_after_epoch: int | None = None) -> dict:
         "attributes": attributes, "image_size": t.image_size, "epochs": t.epochs,
         "batch_size": t.batch_size, "lr": t.lr, "weight_decay": t.weight_decay,
         "schedule": t.schedule, "pos_weight": pos_weight, "augment": t.augment,
-        "pretrained": t.pretrained, "storage": cfg.storage.model_dump(),
+        "pretrained": t.pretrained, "arch": t.arch, "storage": cfg.storage.model_dump(),
         "download_weights": cfg.weights.download,
         "seed": cfg.run.seed, "steps_per_epoch": steps_per_epoch,
         "max_steps_per_epoch": t.max_steps_per_epoch, "drop_last": drop_last,
@@ -188,7 +202,7 @@ def _run(cfg: Config, *, fail_after_epoch: int | None = None) -> dict:
         latest = _load_checkpoint(result.checkpoint)
         best_ckpt = result.get_best_checkpoint(SCORE, "max") or result.checkpoint
         best = _load_checkpoint(best_ckpt)
-        model = _model_from_state(attributes, best["model"])
+        model = _model_from_state(attributes, best["model"], t.arch)
 
         # --- thresholds on val (optional), then the test split's metrics ---
         wanted = ("val", "test") if t.tune_thresholds else ("test",)
@@ -205,6 +219,7 @@ def _run(cfg: Config, *, fail_after_epoch: int | None = None) -> dict:
         best_row = max(latest["history"], key=lambda r: r[SCORE])
         info = AttributeModelInfo(
             arch=t.arch, attributes=attributes, image_size=t.image_size,
+            trained_on=_trained_on(cfg, manifest, splits),
             mean=IMAGENET_MEAN, std=IMAGENET_STD, thresholds=[float(x) for x in thresholds],
             metrics={"best_epoch": int(best["epoch"]), SCORE: float(best_row[SCORE]),
                      "test_mean_accuracy": mean["accuracy"],
@@ -232,6 +247,100 @@ def _run(cfg: Config, *, fail_after_epoch: int | None = None) -> dict:
         "images_per_s": float(np.mean([r["images_per_s"] for r in latest["history"]])),
         "train_seconds": round(train_seconds, 2), "model_uri": model_loc.uri,
     }
+
+
+# --------------------------------------------------------------------------------------------
+# a model trained elsewhere (train.model_from)
+# --------------------------------------------------------------------------------------------
+
+def _trained_on(cfg: Config, manifest: pa.Table, splits: dict[str, pa.Table]) -> dict[str, Any]:
+    """What model.json records about the data a model was trained on."""
+    from pipeline import runlog
+
+    ingest = (runlog.stage_record(cfg, "ingest") or {}).get("details") or {}
+    out: dict[str, Any] = {"dataset": cfg.data.dataset, "data_root": cfg.data.root,
+                           "output_root": cfg.output.root,
+                           "split_rule": ingest.get("split_rule", "not recorded"),
+                           **{f"{s}_rows": splits[s].num_rows for s in ("train", "val", "test")}}
+    if "identity" in manifest.column_names:
+        train_ids = manifest.filter(pc.equal(manifest["split"], "train"))["identity"]
+        out["train_identities"] = int(pc.count_distinct(train_ids, mode="only_valid").as_py())
+    return out
+
+
+def describe_training(trained_on: dict[str, Any]) -> str:
+    """One line for a model's ``trained_on`` record (run.json, the report)."""
+    if not trained_on:
+        return "data its model.json does not describe"
+    text = f"{trained_on.get('dataset', '?')} at {trained_on.get('data_root', '?')}"
+    if "train_rows" in trained_on:
+        text += f" ({trained_on['train_rows']:,} training images"
+        if trained_on.get("train_identities"):
+            text += f" of {trained_on['train_identities']:,} identities"
+        text += f"; split {trained_on.get('split_rule', 'not recorded')})"
+    return text
+
+
+def _model_source(cfg: Config) -> tuple[storage.Location, storage.Location, storage.Location]:
+    """(folder, model.pt, model.json) that ``train.model_from`` names."""
+    import posixpath
+
+    spec = cfg.train.model_from.rstrip("/")
+    if spec.endswith(".pt"):
+        folder = storage.filesystem(posixpath.dirname(spec) or ".", cfg.storage)
+        pt = storage.filesystem(spec, cfg.storage)
+    else:
+        folder = storage.filesystem(spec, cfg.storage)
+        pt = folder.join("model.pt")
+    meta = folder.join("model.json")
+    for loc, what in ((meta, "model.json"), (pt, "the state dict")):
+        if not storage.exists(loc):
+            raise ModelSourceError(
+                f"train.model_from = {cfg.train.model_from!r}: {what} is missing ({loc.uri}); "
+                f"expected the models/attributes folder of a finished run (model.pt + model.json) "
+                f"or a model.pt with the model.json it was exported with beside it")
+    return folder, pt, meta
+
+
+def adopt_model(cfg: Config) -> dict[str, Any]:
+    """Copy the model ``train.model_from`` names into this run's models/attributes and check it.
+
+    Copies ``model.pt``, its ``model.json`` (written last: its presence marks a complete model) and,
+    when the source folder has them, its ``metrics/`` (the source's own test split) and
+    ``history/``; then loads the copy as extract will, so a bad file fails here. Returns what
+    run.json records: where the model came from and what it was trained on.
+    """
+    from pipeline.models import AttributeModelInfo, load_attribute_model
+
+    folder, pt, meta = _model_source(cfg)
+    dest = tables.location(cfg, MODEL_DIR)
+    info = AttributeModelInfo.from_json(storage.read_bytes(meta).decode())
+    copied = []
+    if folder.uri.rstrip("/") != dest.uri.rstrip("/"):
+        for name in ("model.json", "model.pt", "metrics", "history"):
+            storage.delete(dest.join(name))  # nothing of an earlier model in this run survives
+        storage.write_bytes(dest.join("model.pt"), storage.read_bytes(pt))
+        for table in ("metrics", "history"):
+            files = storage.parquet_files(folder.join(table))
+            for path in files:
+                base = path.rsplit("/", 1)[-1]
+                src = storage.Location(folder.fs, path, folder.join(table, base).uri)
+                storage.write_bytes(dest.join(table, base), storage.read_bytes(src))
+            if files:
+                copied.append(table)
+        storage.write_bytes(dest.join("model.json"), storage.read_bytes(meta))
+    try:
+        load_attribute_model(dest)
+    except Exception as exc:  # any unreadable file (bad pickle, wrong shapes): one clear error
+        storage.delete(dest.join("model.json"))
+        raise ModelSourceError(f"train.model_from = {cfg.train.model_from!r} does not load as "
+                               f"an attribute model: {exc}") from None
+    log.info("[%s] attribute model taken from %s (%d attributes, trained on %s)", STAGE,
+             cfg.train.model_from, len(info.attributes), describe_training(info.trained_on))
+    return {"model_from": cfg.train.model_from, "model_uri": dest.uri,
+            "model_version": info.version, "attributes": len(info.attributes),
+            "trained_on": info.trained_on, "copied_tables": copied,
+            "source_test_mean_accuracy": info.metrics.get("test_mean_accuracy")}
 
 
 def _resolve_attributes(cfg: Config, schema: pa.Schema) -> list[str]:
@@ -391,10 +500,10 @@ def _load_checkpoint(checkpoint) -> dict:
         return torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
 
 
-def _model_from_state(attributes: list[str], state: dict):
+def _model_from_state(attributes: list[str], state: dict, arch: str):
     from pipeline.models import AttributeNet
 
-    model = AttributeNet(len(attributes))
+    model = AttributeNet(len(attributes), arch=arch)
     model.load_state_dict(state)
     return model.eval()
 
@@ -402,14 +511,14 @@ def _model_from_state(attributes: list[str], state: dict):
 class _Predictor:
     """Ray Data actor: images -> per-attribute probabilities (batch inference on CPU or GPU)."""
 
-    def __init__(self, state_ref: list, n_attributes: int, use_gpu: bool):
+    def __init__(self, state_ref: list, n_attributes: int, use_gpu: bool, arch: str):
         import ray
         import torch
 
         from pipeline.models import AttributeNet
 
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.model = AttributeNet(n_attributes)
+        self.model = AttributeNet(n_attributes, arch=arch)
         self.model.load_state_dict(ray.get(state_ref[0]))
         self.model.to(self.device).eval()
 
@@ -437,7 +546,8 @@ def _predict(cfg: Config, model, splits: dict[str, pa.Table], attributes: list[s
     ds = _image_dataset(cfg, pa.concat_tables(splits.values()), attributes, error_log) \
         .map_batches(_Predictor, batch_size=cfg.train.batch_size, batch_format="numpy",
                      fn_constructor_kwargs={"state_ref": [state_ref],
-                                            "n_attributes": len(attributes), "use_gpu": use_gpu},
+                                            "n_attributes": len(attributes), "use_gpu": use_gpu,
+                                            "arch": cfg.train.arch},
                      compute=ray.data.ActorPoolStrategy(size=1),
                      num_gpus=1 if use_gpu else 0, num_cpus=cfg.train.cpus_per_worker)
     ys: dict[str, list] = {s: [] for s in splits}
@@ -576,7 +686,7 @@ def _train_loop(c: dict) -> None:
     n_attr = len(c["attributes"])
     torch.manual_seed(derive_seed(c["seed"], STAGE, "init"))
     model = build_attribute_model(n_attr, c["pretrained"], StorageConfig(**c["storage"]),
-                                  download=c.get("download_weights", False))
+                                  download=c.get("download_weights", False), arch=c["arch"])
 
     state = None
     checkpoint = ray.train.get_checkpoint()

@@ -25,7 +25,7 @@ from sklearn.decomposition import PCA
 
 from pipeline import tables
 from pipeline.classify._fit import SPLIT_CODES
-from pipeline.config import Config
+from pipeline.config import CELEBA_ATTRIBUTES, Config
 from pipeline.schemas import SPLITS, manifest_attributes
 from pipeline.seeds import derive_seed
 
@@ -101,6 +101,11 @@ def load_inputs(cfg: Config) -> Inputs:
     labelled = [a for a in attrs if m[a].null_count() < m.height]
     if not labelled:
         raise NoTarget("the manifest holds no annotated boolean attribute (nothing to classify)")
+    if target not in m.columns and target in CELEBA_ATTRIBUTES:
+        # a CelebA attribute this dataset does not annotate (UTKFace has only Male and Young):
+        # nothing to classify here, which is not a config error
+        raise NoTarget(f"classify.target={target!r} is not annotated in this dataset "
+                       f"({cfg.data.dataset}); its annotated attributes are {labelled}")
     if target not in m.columns:
         raise ValueError(f"classify.target={target!r} is not a manifest column; annotated "
                          f"attributes are {labelled}")

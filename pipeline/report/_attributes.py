@@ -10,7 +10,7 @@ from matplotlib.ticker import MaxNLocator
 
 from pipeline import storage
 from pipeline.report import _plots as P
-from pipeline.report._context import Context, ReportDataError, col, table_html
+from pipeline.report._context import Context, ReportDataError, col, h, note, table_html
 
 TITLE = "Attribute model"
 METRICS = "models/attributes/metrics"
@@ -19,7 +19,7 @@ MEAN_ROW = "__mean__"
 
 
 def build(ctx: Context) -> list[str]:
-    out = [ctx.part("Model", lambda: _model_json(ctx))]
+    out = [ctx.part("Model", lambda: _provenance(ctx) + _model_json(ctx))]
     m = ctx.table(METRICS)
     if m is None:
         out.append(ctx.missing(METRICS))
@@ -31,6 +31,24 @@ def build(ctx: Context) -> list[str]:
     else:
         out.append(ctx.part("Training curve", lambda: _history(ctx, hist)))
     return out
+
+
+def _provenance(ctx: Context) -> list[str]:
+    """Which model this run used and what it was trained on (trained here, or train.model_from)."""
+    from pipeline.train import describe_training
+
+    loc = ctx.root.join("models", "attributes", "model.json")
+    if not storage.exists(loc):
+        return []
+    trained_on = json.loads(storage.read_bytes(loc)).get("trained_on") or {}
+    rec = (ctx.run_doc.get("stages") or {}).get("train_attributes") or {}
+    source = (rec.get("details") or {}).get("model_from")
+    if source and rec.get("status") == "skipped":
+        return [note(f"This run did not train its attribute model: it applied the model from "
+                     f"<code>{h(source)}</code> (<code>train.model_from</code>), trained on "
+                     f"{h(describe_training(trained_on))}. The accuracies below are that model's, "
+                     f"measured on its own test split, not on this collection.")]
+    return [note(f"Attribute model trained in this run on {h(describe_training(trained_on))}.")]
 
 
 def _model_json(ctx: Context) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from pipeline.report import _plots as P
-from pipeline.report._context import Context, note, table_html
+from pipeline.report._context import Context, h, note, table_html
 
 TITLE = "Data"
 
@@ -16,7 +16,7 @@ def build(ctx: Context) -> list[str]:
     if m is None:
         out.append(ctx.missing("manifest"))
     else:
-        out.append(ctx.part("Images and splits", lambda: _splits(m)))
+        out.append(ctx.part("Images and splits", lambda: _splits(m) + _split_rule(ctx)))
         out.append(ctx.part("Attribute prevalence", lambda: _prevalence(ctx, m)))
         if "age" in m.columns and m["age"].notna().any():
             out.append(ctx.part("Age, gender and race (UTKFace)", lambda: _utk(ctx, m)))
@@ -36,6 +36,22 @@ def _splits(m: pd.DataFrame) -> list[str]:
     lead = f"<p><b>{len(m):,}</b> images in <code>manifest/</code>"
     lead += (" (" + ", ".join(extra) + ")" if extra else "") + ".</p>"
     return [lead, table_html(counts, digits=1)]
+
+
+def _split_rule(ctx: Context) -> list[str]:
+    """Which rule made the split (ingest's run.json details), and the identity check's count."""
+    details = ((ctx.run_doc.get("stages") or {}).get("ingest") or {}).get("details") or {}
+    rule = details.get("split_rule")
+    if not rule:
+        return []
+    text = f"Split: <b>{h(rule)}</b>."
+    spread = details.get("identities_in_two_splits")
+    if spread is not None:
+        text += f" Identities found in more than one split: <b>{spread:,}</b>."
+    if str(rule).startswith("seeded, by image"):
+        text += (" The same person may be in train and test, so test scores can be inflated by "
+                 "faces of people seen in training.")
+    return [note(text)]
 
 
 def _attributes(m: pd.DataFrame) -> list[str]:
