@@ -16,7 +16,7 @@ from pipeline import storage, tables
 from tests.helpers import tiny_config
 from tests.report_tables import SPACES, write_run
 
-SECTION_IDS = ("data", "attribute-model", "clusters", "bias", "classifiers", "explanations", "run")
+SECTION_IDS = ("findings", "data", "attribute-model", "clusters", "bias", "classifiers", "explanations", "run")
 
 
 class _Page(HTMLParser):
