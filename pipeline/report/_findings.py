@@ -7,8 +7,8 @@ Every number comes from a table: the gaps, p-values and decisions from ``classif
 group's explained rows, the groups read from ``manifest/`` and the rows' ``cluster`` column, so it
 equals ``shap/importance`` for clusters).
 
-What a sentence is about: one significant ``<metric>_gap_difference`` row per model ×
-trained_on × grouping × metric, ranked by size. Base-rate gaps (a property of the data, the same
+What a sentence is about: the largest significant ``<metric>_gap_difference`` of each grouping
+(over models, trained_on and metrics), ranked by size. Base-rate gaps (a property of the data, the same
 for every model), ratios and the two fairlearn summaries (demographic parity = the selection-rate
 difference; equalized odds = the larger of the recall and FPR differences) are counted but not
 repeated as sentences. The reference row is the one without undersampling when it is
@@ -185,12 +185,17 @@ class _Writer:
             none = g[g["sampling"] == "none"]
             refs.append(none.iloc[0] if len(none) else g.sort_values("value").iloc[-1])
         refs = sorted(refs, key=lambda r: -float(r["value"]))
-        items = [f"<li>{self.sentence(r)}</li>" for r in refs[:MAX_FINDINGS]]
-        more = len(refs) - MAX_FINDINGS
-        out = [f"<ol>{''.join(items)}</ol>"]
+        # the largest per grouping first, so that one grouping's variants do not fill the list
+        firsts = list({r["group_by"]: r for r in reversed(refs)}.values())[::-1]
+        firsts = sorted(firsts, key=lambda r: -float(r["value"]))[:MAX_FINDINGS]
+        items = [f"<li>{self.sentence(r)}</li>" for r in firsts]
+        more = len(refs) - len(firsts)
+        out = [note("The largest surviving gap of each grouping, largest first."),
+               f"<ol>{''.join(items)}</ol>"]
         if more > 0:
-            out.append(f'<p class="small">{more} more surviving disparities (model × grouping × '
-                       f"metric) are in <code>{FINDINGS}</code> (significant = true).</p>")
+            out.append(f'<p class="small">{more} more surviving disparities (model × trained_on '
+                       f"× grouping × metric) are in <code>{FINDINGS}</code> "
+                       "(significant = true) and in the table below.</p>")
         t = self.f[self.f["significant"].astype(bool)].sort_values("value", ascending=False)
         t = t[["model", "sampling", "trained_on", "group_by", "metric", "value", "ci_low",
                "ci_high", "high_group", "low_group", "p_value", "p_adjusted"]]
