@@ -222,7 +222,7 @@ class _Writer:
                  f"{g2}")
         else:
             s = f"{who} has {METRIC_WORDS.get(base, base)} {a} on {g1} against {b} on {g2}"
-        s += (f" (n = {hi[3]:,} and {lo[3]:,}; gap {_ci(r['value'], r['ci_low'], r['ci_high'], rate)}"
+        s += (f" (n = {hi[3]:,} and {lo[3]:,} faces; gap {_ci(r['value'], r['ci_low'], r['ci_high'], rate)}"
               f", p = {_p(r['p_value'])}, adjusted {_p(r['p_adjusted'])}).")
         return " ".join(x for x in (s, self.sampling_words(r), self.shap_words(r, hi_g, lo_g)) if x)
 
