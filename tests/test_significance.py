@@ -135,3 +135,18 @@ def test_intersections_pair_cluster_and_attributes_and_mark_small_groups():
     assert set(cm[cm != None]) == {f"0{SEP}True", f"1{SEP}True", f"1{SEP}False"}  # noqa: E711
     assert out[f"Male{SEP}Young"][0] is None  # a missing part leaves the row out
     assert small[f"cluster{SEP}Young"] == []
+
+
+def test_both_permuted_auc_paths_agree_with_ties_and_missing_classes():
+    from pipeline.classify._significance import _auc, _auc_by_ranks
+
+    rng = np.random.default_rng(5)
+    n, g = 300, 5
+    y = (rng.random(n) < 0.3).astype(np.int64)
+    levels, level = np.unique(np.round(rng.random(n), 1), return_inverse=True)  # many ties
+    groups = rng.choice(g, n, p=[0.3, 0.3, 0.3, 0.09, 0.01])  # group 4: a row or three
+    codes = rng.permuted(np.broadcast_to(groups, (40, n)), axis=1)
+    a = _auc(codes, y, level, g, len(levels))
+    b = _auc_by_ranks(codes, y, level, g, len(levels))
+    assert np.allclose(a, b, equal_nan=True)
+    assert np.isfinite(a).any() and np.isnan(a).any()  # undefined where a class is missing
