@@ -89,7 +89,8 @@ def plan(cfg: Config, inputs: Inputs) -> tuple[list[FitSpec], list[dict]]:
 
 def _test_arrays(cfg: Config, inputs: Inputs) -> dict:
     """The test split's rows, truth and groupings (plain, then intersectional; see
-    :mod:`pipeline.classify._significance`), with each intersectional grouping's too-small groups."""
+    :mod:`pipeline.classify._significance`), with each intersectional grouping's too-small
+    groups."""
     test = np.flatnonzero(inputs.split == SPLIT_CODES["test"])
     groupings = {}
     if inputs.has_clusters:
@@ -203,7 +204,8 @@ def significance(cfg: Config, inputs: Inputs, results: list[FitResult], metric_r
         summary["warning"] = (f"with {c.permutations} permutations the smallest p-value is "
                               f"{floor:.2g}; Holm over {tested_n} rows needs p <= "
                               f"{c.alpha / tested_n:.2g}, so no row can be significant: raise "
-                              f"classify.permutations to at least {int(np.ceil(tested_n / c.alpha))}")
+                              "classify.permutations to at least "
+                              f"{int(np.ceil(tested_n / c.alpha))}")
         log.warning("classify: %s", summary["warning"])
     return table, summary
 

@@ -8,10 +8,10 @@ group's explained rows, the groups read from ``manifest/`` and the rows' ``clust
 equals ``shap/importance`` for clusters).
 
 What a sentence is about: the largest significant ``<metric>_gap_difference`` of each grouping
-(over models, trained_on and metrics), ranked by size. Base-rate gaps (a property of the data, the same
-for every model), ratios and the two fairlearn summaries (demographic parity = the selection-rate
-difference; equalized odds = the larger of the recall and FPR differences) are counted but not
-repeated as sentences. The reference row is the one without undersampling when it is
+(over models, trained_on and metrics), ranked by size. Base-rate gaps (a property of the data,
+the same for every model), ratios and the two fairlearn summaries (demographic parity = the
+selection-rate difference; equalized odds = the larger of the recall and FPR differences) are
+counted but not repeated as sentences. The reference row is the one without undersampling when it is
 significant, else the largest significant one; the other samplings of the same key say which
 narrows the gap most and at what overall accuracy.
 """
@@ -222,7 +222,8 @@ class _Writer:
                  f"{g2}")
         else:
             s = f"{who} has {METRIC_WORDS.get(base, base)} {a} on {g1} against {b} on {g2}"
-        s += (f" (n = {hi[3]:,} and {lo[3]:,} faces; gap {_ci(r['value'], r['ci_low'], r['ci_high'], rate)}"
+        gap = _ci(r["value"], r["ci_low"], r["ci_high"], rate)
+        s += (f" (n = {hi[3]:,} and {lo[3]:,} faces; gap {gap}"
               f", p = {_p(r['p_value'])}, adjusted {_p(r['p_adjusted'])}).")
         return " ".join(x for x in (s, self.sampling_words(r), self.shap_words(r, hi_g, lo_g)) if x)
 
@@ -283,7 +284,8 @@ class _Writer:
         for i, n in enumerate(names):
             col = rows["cluster"] if n == "cluster" else rows[f"m:{n}"]
             ok &= col.notna()
-            part = col.map(lambda x, c=(n == "cluster"): str(int(x)) if c and pd.notna(x) else str(x))
+            is_cluster = n == "cluster"
+            part = col.map(lambda x, c=is_cluster: str(int(x)) if c and pd.notna(x) else str(x))
             label = label + (SEP if i else "") + part
         rows, label = rows[ok], label[ok]
         a, b = rows[label == hi_g], rows[label == lo_g]
