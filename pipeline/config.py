@@ -290,6 +290,16 @@ class ClassifyConfig(_Section):
     threshold_metric: Literal["none", "accuracy", "balanced_accuracy"] = "balanced_accuracy"
     # A fit needs at least this many training rows of each class (else skipped, reason recorded).
     min_class_rows: int = Field(default=5, ge=1)
+    # Shuffles of the group labels per gap's permutation test (smallest p-value: 1/(1+this)).
+    permutations: int = Field(default=2000, ge=1)
+    # Correction across all gap rows of a run: bh (Benjamini-Hochberg, FDR) or holm (FWER).
+    correction: Literal["bh", "holm"] = "bh"
+    # Level at which a corrected p-value counts as significant (FDR for bh, FWER for holm).
+    alpha: float = Field(default=0.05, gt=0, lt=1)
+    # Also score cluster x each sensitive attribute and each pair of sensitive attributes.
+    intersections: bool = True
+    # Intersectional groups with fewer test rows than this are reported as too small, not scored.
+    min_group_size: int = Field(default=30, ge=1)
 
 
 class ExplainConfig(_Section):

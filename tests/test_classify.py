@@ -12,8 +12,8 @@ from sklearn.metrics import (accuracy_score, balanced_accuracy_score, f1_score, 
                              recall_score, roc_auc_score)
 
 from pipeline import tables
-from pipeline.classify import (METRICS_SCHEMA, MODELS_SCHEMA, PREDICTIONS_SCHEMA, dataset_schema,
-                               load_model, run)
+from pipeline.classify import (FINDINGS_SCHEMA, METRICS_SCHEMA, MODELS_SCHEMA, PREDICTIONS_SCHEMA,
+                               SEP, dataset_schema, load_model, run)
 from pipeline.classify._evaluate import METRICS, bootstrap_weights, evaluate, weighted_metrics
 from pipeline.classify._sampling import SamplingError, undersample
 from pipeline.config import CELEBA_ATTRIBUTES
@@ -92,6 +92,12 @@ def test_planted_disparity_is_found(stage_run):
     # an attribute with no planted effect: its accuracy gap interval covers zero
     young = sel[(sel.evaluated_on == "gap:Young") & (sel.metric == "accuracy_gap_difference")]
     assert young.ci_low.iloc[0] <= 0 <= young.ci_high.iloc[0]
+    # the permutation test and the run-wide correction keep the planted gap, not Young's
+    f = tables.read(cfg, "classifiers/findings").to_pandas()
+    f = f[(f.model == "logistic_regression") & (f.sampling == "none") & (f.trained_on == "global")
+          & (f.metric == "accuracy_gap_difference")].set_index("group_by")
+    assert f.loc["Pale_Skin", "significant"] and f.loc["Pale_Skin", "low_group"] == "True"
+    assert not f.loc["Young", "significant"]
 
 
 @pytest.mark.slow  # shares the 24-fit module run (~30-90 s on a busy 2-core machine)
@@ -114,7 +120,27 @@ def test_outputs_follow_schemas_and_contract(stage_run):
         "inside one cluster this sampling equals none", "inside one cluster this sampling equals class"}
     m = _metrics(cfg)
     assert set(m.trained_on) == {"global", "per_cluster"}
-    assert set(m.group_by) == {"overall", "cluster", "Male", "Young", "Pale_Skin"}
+    plain = ["cluster", "Male", "Young", "Pale_Skin"]
+    crossed = {f"cluster{SEP}{a}" for a in plain[1:]} | {
+        f"{a}{SEP}{b}" for i, a in enumerate(plain[1:]) for b in plain[i + 2:]}
+    assert {"overall", *plain} <= set(m.group_by) <= {"overall", *plain} | crossed
+    # a crossed grouping is scored, or has too-small groups (every one of them when it is absent)
+    small_groups = result["significance"]["too_small"]
+    assert crossed == (set(m.group_by) & crossed) | set(small_groups)
+    assert all(g in small_groups for g in crossed - set(m.group_by))
+    # intersectional groups below classify.min_group_size (30 test rows) are not scored
+    small = m[m.group_by.isin(crossed) & ~m.evaluated_on.str.startswith("gap:")]
+    assert (small.n >= 30).all()
+    f = tables.read(cfg, "classifiers/findings")
+    assert f.schema.remove_metadata().equals(FINDINGS_SCHEMA.remove_metadata())
+    f = f.to_pandas()
+    gap_rows = m[m.evaluated_on.str.startswith("gap:")]
+    key = ["model", "sampling", "trained_on", "group_by", "metric"]
+    joined = gap_rows.merge(f, on=key, suffixes=("", "_f"), validate="one_to_one")
+    assert len(joined) == len(gap_rows) == len(f) == result["findings_rows"]
+    assert np.allclose(joined.value, joined.value_f, equal_nan=True)
+    assert (f.p_adjusted.dropna() >= f.p_value.dropna()).all()
+    assert (f.significant == (f.p_adjusted <= 0.05)).all()
     gaps = set(m[m.evaluated_on.str.startswith("gap:")].metric)
     assert {f"{x}_gap_{k}" for x in METRICS for k in ("difference", "ratio")} \
         | {"demographic_parity_difference", "equalized_odds_difference"} == gaps

@@ -75,6 +75,7 @@ def test_tables_match_their_declared_schemas(finished_run):
     _same(models.schema, classify.MODELS_SCHEMA, "classifier models")
     _same(_schema_of(cfg, "classifiers/metrics"), classify.METRICS_SCHEMA, "classifier metrics")
     _same(_schema_of(cfg, "classifiers/predictions"), classify.PREDICTIONS_SCHEMA, "predictions")
+    _same(_schema_of(cfg, "classifiers/findings"), classify.FINDINGS_SCHEMA, "findings")
     dataset = _schema_of(cfg, "classifiers/dataset")
     feature_cols = [n for n in dataset.names if n not in ("image_id", "split", "cluster", "target")]
     _same(dataset, classify.dataset_schema(feature_cols), "classifier dataset")

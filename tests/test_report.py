@@ -16,8 +16,8 @@ from pipeline import storage, tables
 from tests.helpers import tiny_config
 from tests.report_tables import SPACES, write_run
 
-SECTION_IDS = ("data", "models-and-weights", "attribute-model", "clusters", "bias", "classifiers",
-               "explanations", "run")
+SECTION_IDS = ("findings", "data", "models-and-weights", "attribute-model", "clusters", "bias",
+               "classifiers", "explanations", "run")
 
 
 class _Page(HTMLParser):
@@ -242,13 +242,17 @@ def test_report_from_real_stages(tmp_path, ray_session):
     result = run_stage(cfg, "report")
     assert result["problems"] == [], result["problems"]
     assert "models/attributes/metrics" in result["not_run"]  # train never ran: a note, no crash
-    for name in ("clusters", "classifiers/metrics", "shap/importance", "clusters/demographics"):
+    for name in ("clusters", "classifiers/metrics", "classifiers/findings", "shap/importance",
+                 "clusters/demographics"):
         assert name not in result["not_run"], name
     index = Path(result["report"])
     page = _parse(index)
     assert tuple(page.sections) == SECTION_IDS
     _check_images(index, page)
     html = index.read_text()
+    # the Findings section opens the page and states the run's count of surviving gaps
+    first = html.index('<section id="findings">')
+    assert first < html.index('<section id="data">') and "survive the Benjamini" in html
     for fig in ("clusters-annotations-mean-faces.png", "classifiers-per-cluster.png",
                 "shap-logistic-regression-none-importance.png", "bias-annotations.png"):
         assert f"figures/{fig}" in html, fig

@@ -63,7 +63,11 @@ UTKFace). Metrics: accuracy, balanced_accuracy, precision, recall (TPR), fpr, f1
 selection_rate, base_rate; per grouping the gaps ``<metric>_gap_difference`` (max − min over
 groups), ``<metric>_gap_ratio`` (min / max), ``demographic_parity_difference`` and
 ``equalized_odds_difference``; all with ``classify.bootstrap`` percentile intervals at
-``classify.ci_level``.
+``classify.ci_level``. With ``classify.intersections`` the groupings also include
+``cluster×<A>`` and ``<A>×<B>`` (labels joined by :data:`SEP`), without their groups of fewer
+than ``classify.min_group_size`` test rows. Every gap gets a permutation p-value
+(``classify.permutations`` shuffles of the group labels, Ray tasks) and a correction across the
+run (``classify.correction`` at ``classify.alpha``).
 
 Outputs (under ``output.root``):
 
@@ -73,6 +77,10 @@ Outputs (under ``output.root``):
   file per fit in the same folder (load with :func:`load_model`; no pickle);
 - ``classifiers/metrics``: :data:`METRICS_SCHEMA`, long format;
 - ``classifiers/predictions``: :data:`PREDICTIONS_SCHEMA`, test rows of every fit;
+- ``classifiers/findings``: :data:`FINDINGS_SCHEMA`, one row per gap row of the metrics table
+  with its permutation p-value, the corrected p-value over all gap rows of the run and the
+  decision (``significant``), the two groups behind the gap and the too-small groups (see
+  :mod:`pipeline.classify._significance`);
 - ``errors/classify.parquet``: images that could not be used, with the reason.
 
 Reference configuration (global logistic regression on CelebA's ground-truth attributes, the
@@ -88,9 +96,11 @@ official partition; an earlier study reports accuracy 0.7817 for this model)::
 from pipeline.classify._data import dataset_schema
 from pipeline.classify._evaluate import FAIRNESS_GAPS, METRICS
 from pipeline.classify._fit import DEFAULT_PARAMS, load_model
+from pipeline.classify._significance import FINDINGS_SCHEMA, SEP
 from pipeline.classify._stage import (METRICS_SCHEMA, MODELS_SCHEMA, PREDICTIONS_SCHEMA,
                                       execute, run)
 from pipeline.modelfiles import TRUSTED_TYPES  # the one allow-list of model-file types
 
 __all__ = ["run", "dataset_schema", "MODELS_SCHEMA", "METRICS_SCHEMA", "PREDICTIONS_SCHEMA",
+           "FINDINGS_SCHEMA", "SEP",
            "METRICS", "FAIRNESS_GAPS", "TRUSTED_TYPES", "DEFAULT_PARAMS", "load_model", "execute"]

@@ -15,6 +15,8 @@ from pipeline.classify._evaluate import bootstrap_weights, evaluate
 from pipeline.classify._fit import (MODEL_NAMES, SPLIT_CODES, FitResult, FitSpec,
                                    build_estimator, fit_one)
 from pipeline.classify._sampling import PER_CLUSTER_SAMPLINGS
+from pipeline.classify._significance import (FINDINGS_SCHEMA, adjust, intersections,
+                                             permutation_tests)
 from pipeline.config import Config
 from pipeline.seeds import derive_seed
 
@@ -85,8 +87,10 @@ def plan(cfg: Config, inputs: Inputs) -> tuple[list[FitSpec], list[dict]]:
     return specs, skipped
 
 
-def _eval_data(cfg: Config, inputs: Inputs) -> dict:
-    """Test-split arrays every evaluation shares (one ray.put), with the bootstrap weights."""
+def _test_arrays(cfg: Config, inputs: Inputs) -> dict:
+    """The test split's rows, truth and groupings (plain, then intersectional; see
+    :mod:`pipeline.classify._significance`), with each intersectional grouping's too-small
+    groups."""
     test = np.flatnonzero(inputs.split == SPLIT_CODES["test"])
     groupings = {}
     if inputs.has_clusters:
@@ -94,9 +98,18 @@ def _eval_data(cfg: Config, inputs: Inputs) -> dict:
         groupings["cluster"] = np.array([str(k) if k >= 0 else None for k in cl], dtype=object)
     for name, labels in inputs.sensitive.items():
         groupings[name] = labels[test]
+    too_small: dict[str, list[str]] = {}
+    if cfg.classify.intersections:
+        crossed, too_small = intersections(groupings, cfg.classify.min_group_size)
+        groupings.update(crossed)
+    return {"test": test, "y": inputs.y[test], "groupings": groupings, "too_small": too_small}
+
+
+def _eval_data(cfg: Config, inputs: Inputs) -> dict:
+    """Test-split arrays every evaluation shares (one ray.put), with the bootstrap weights."""
+    ev = _test_arrays(cfg, inputs)
     rng = np.random.default_rng(derive_seed(cfg.run.seed, "classify", "bootstrap"))
-    return {"test": test, "y": inputs.y[test], "groupings": groupings,
-            "weights": bootstrap_weights(len(test), cfg.classify.bootstrap, rng),
+    return {**ev, "weights": bootstrap_weights(len(ev["test"]), cfg.classify.bootstrap, rng),
             "ci_level": cfg.classify.ci_level}
 
 
@@ -131,6 +144,70 @@ def evaluate_one(ev: dict, e: dict) -> list[dict]:
                     ev["weights"][pos], ev["ci_level"])
     head = {"model": e["model"], "sampling": e["sampling"], "trained_on": e["trained_on"]}
     return [{**head, **r} for r in rows]
+
+
+def significance_one(ev: dict, e: dict, permutations: int, seeds: dict[str, int]) -> list[dict]:
+    """Permutation p-values of every gap row of one evaluation ``e`` (one Ray task)."""
+    pos = np.searchsorted(ev["test"], e["index"])
+    rows = permutation_tests(ev["y"][pos], e["label"], e["score"],
+                             {g: lab[pos] for g, lab in ev["groupings"].items()},
+                             permutations, seeds)
+    head = {"model": e["model"], "sampling": e["sampling"], "trained_on": e["trained_on"]}
+    return [{**head, **r} for r in rows]
+
+
+def significance(cfg: Config, inputs: Inputs, results: list[FitResult], metric_rows: list[dict],
+                 mode: str = "ray") -> tuple[pa.Table, dict]:
+    """The ``classifiers/findings`` table: every gap row of ``metric_rows`` with its permutation
+    p-value and its corrected decision (one Ray task per evaluation in mode "ray")."""
+    c = cfg.classify
+    ev = _test_arrays(cfg, inputs)
+    seeds = {g: derive_seed(cfg.run.seed, "classify", "permutation", g) for g in ev["groupings"]}
+    evals = _evaluations(results)
+    t0 = time.perf_counter()
+    if mode == "ray":
+        import ray
+
+        task = ray.remote(significance_one).options(num_cpus=c.cpus_per_task)
+        ev_ref = ray.put(ev)
+        parts = ray.get([task.remote(ev_ref, e, c.permutations, seeds) for e in evals])
+    else:
+        parts = [significance_one(ev, e, c.permutations, seeds) for e in evals]
+    seconds = time.perf_counter() - t0
+    tested = {(r["model"], r["sampling"], r["trained_on"], r["group_by"], r["metric"]): r
+              for p in parts for r in p}
+    rows = []
+    for m in metric_rows:
+        if not m["evaluated_on"].startswith("gap:"):
+            continue
+        key = (m["model"], m["sampling"], m["trained_on"], m["group_by"], m["metric"])
+        t = tested[key]  # every gap row has its test (same groupings, same rows)
+        rows.append({**t, "value": m["value"], "ci_low": m["ci_low"], "ci_high": m["ci_high"],
+                     "too_small": ev["too_small"].get(m["group_by"], [])})
+    p = np.array([r["p_value"] for r in rows], dtype=np.float64)
+    adj = adjust(p, c.correction)
+    for r, a in zip(rows, adj):
+        r.update(p_adjusted=a, significant=bool(np.isfinite(a) and a <= c.alpha),
+                 correction=c.correction, alpha=c.alpha)
+    cols = {f.name: [r[f.name] for r in rows] for f in FINDINGS_SCHEMA}
+    for k in ("value", "ci_low", "ci_high", "high_value", "low_value", "p_value", "p_adjusted"):
+        cols[k] = pa.array(np.asarray(cols[k], dtype=np.float64), pa.float64(), from_pandas=True)
+    table = pa.table(cols, schema=FINDINGS_SCHEMA)
+    tested_n = int(np.isfinite(p).sum())
+    summary = {"gap_rows": len(rows), "tested": tested_n,
+               "significant": int(sum(r["significant"] for r in rows)),
+               "correction": c.correction, "alpha": c.alpha, "permutations": c.permutations,
+               "seconds": round(seconds, 2),
+               "too_small": {k: v for k, v in ev["too_small"].items() if v}}
+    floor = 1.0 / (1 + c.permutations)
+    if c.correction == "holm" and tested_n and floor * tested_n > c.alpha:
+        summary["warning"] = (f"with {c.permutations} permutations the smallest p-value is "
+                              f"{floor:.2g}; Holm over {tested_n} rows needs p <= "
+                              f"{c.alpha / tested_n:.2g}, so no row can be significant: raise "
+                              "classify.permutations to at least "
+                              f"{int(np.ceil(tested_n / c.alpha))}")
+        log.warning("classify: %s", summary["warning"])
+    return table, summary
 
 
 def execute(cfg: Config, inputs: Inputs, specs: list[FitSpec], out_root: str,
@@ -273,12 +350,17 @@ def run(cfg: Config) -> dict:
     tables.replace(cfg, "classifiers/models", models, schema=MODELS_SCHEMA)
     tables.replace(cfg, "classifiers/predictions", preds, schema=PREDICTIONS_SCHEMA)
     tables.replace(cfg, "classifiers/metrics", metrics, schema=METRICS_SCHEMA)
+    findings, tests = significance(cfg, inputs, results, rows, mode="ray")
+    tables.replace(cfg, "classifiers/findings", findings, schema=FINDINGS_SCHEMA,
+                   metadata={"correction": c.correction, "alpha": str(c.alpha),
+                             "permutations": str(c.permutations)})
     stale = _remove_stale_models(cfg, {p.rsplit("/", 1)[-1] for p in models.column("path").to_pylist()})
     return {
         "rows": len(inputs.y), "errors": len(inputs.errors),
         "features": list(inputs.feature_names),
         "fits": len(specs), "models": models.num_rows, "metrics_rows": metrics.num_rows,
         "predictions_rows": preds.num_rows, "stale_models_removed": stale,
+        "findings_rows": findings.num_rows, "significance": tests,
         "skipped": skipped, "notes": inputs.notes,
         "selected_features": {r.spec.key: r.features for r in results
                               if r.status == "ok" and c.feature_selection != "none"},

@@ -14,6 +14,7 @@ import re
 import numpy as np
 import pandas as pd
 
+from pipeline.classify import SEP
 from pipeline.report import _plots as P
 from pipeline.report._context import Context, ReportDataError, h, note, require, table_html
 
@@ -41,7 +42,9 @@ def build(ctx: Context) -> list[str]:
                 f"({ctx.cfg.classify.bootstrap} resamples); small clusters have wide ones.")]
     out.append(ctx.part("Overall", lambda: _overall(m)))
     out.append(ctx.part("Per cluster", lambda: _by(ctx, m, ["cluster"], "per-cluster")))
-    groups = [g for g in m["group_by"].unique() if g not in ("overall", "cluster")]
+    # plain sensitive attributes only; the intersectional groupings are in the findings table
+    groups = [g for g in m["group_by"].unique() if g not in ("overall", "cluster")
+              and SEP not in str(g)]
     out.append(ctx.part("Per sensitive group", lambda: _by(ctx, m, groups, "per-group")))
     out.append(ctx.part("Gaps between groups", lambda: _gaps(ctx, m)))
     out.append(ctx.part("What undersampling changed", lambda: _sampling(ctx, m)))
@@ -169,7 +172,8 @@ def _sampling(ctx: Context, m: pd.DataFrame) -> list[str]:
         gm = g[g["model"] == model]
         if gm.empty:
             continue
-        groupings = sorted(gm["group_by"].unique(), key=lambda x: (x != "cluster", x))
+        groupings = sorted((g for g in gm["group_by"].unique() if SEP not in str(g)),
+                           key=lambda x: (x != "cluster", x))
         fig, axes = P.plt.subplots(1, len(GAPS), figsize=(3.8 * len(GAPS), 3.2), squeeze=False)
         for ax, metric in zip(axes[0], GAPS):
             for i, s in enumerate(samplings):
