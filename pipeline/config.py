@@ -16,7 +16,7 @@ import hashlib
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -88,6 +88,11 @@ class RayConfig(_Section):
     object_store_mib: int = Field(default=0, ge=0)
     # Allow running on CPU when the config asks for GPUs and the cluster has none.
     allow_cpu_fallback: bool = False
+    # The cluster autoscales: unmet requests go to the autoscaler and are awaited (not refused).
+    autoscaling: bool = False
+    # Seconds a stage waits for a request the nodes cannot hold yet (nodes joining, autoscaler)
+    # before failing with what was asked and what exists; a Ray started in-process never waits.
+    resource_wait_s: float = Field(default=120.0, ge=0)
 
 
 class TrainConfig(_Section):
@@ -113,8 +118,8 @@ class TrainConfig(_Section):
     pos_weight_max: float = Field(default=0.0, ge=0)
     # Random horizontal flips / small crops during training.
     augment: bool = True
-    # Ray Train workers (DDP ranks).
-    num_workers: int = Field(default=1, ge=1)
+    # Ray Train workers (DDP ranks); "auto" = one per GPU that fits (GPU), one per node (CPU).
+    num_workers: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
     # Use GPUs for training: "auto" uses them when the cluster has any.
     use_gpu: Literal["auto", "true", "false"] = "auto"
     # CPUs each training worker requests (fractional so Ray Data tasks are not starved).
@@ -152,10 +157,11 @@ class ExtractConfig(_Section):
     embedding_image_size: int = Field(default=224, ge=16)
     # Images per inference batch.
     batch_size: int = Field(default=64, ge=1)
-    # Inference actor pool lower bound.
-    min_actors: int = Field(default=1, ge=1)
-    # Inference actor pool upper bound (autoscaling).
-    max_actors: int = Field(default=1, ge=1)
+    # Inference actor pool lower bound; "auto" = as many as the nodes hold (see max_actors).
+    min_actors: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
+    # Inference actor pool upper bound; "auto" = actors fitting the nodes' GPUs (GPU) or CPUs
+    # left after one decode task (CPU).
+    max_actors: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
     # GPUs each inference actor requests; "auto" = 1 when the cluster has GPUs, else 0.
     gpus_per_actor: float | Literal["auto"] = "auto"
     # CPUs each inference actor requests.

@@ -197,6 +197,10 @@ class _Infer:
         # match torch's intra-op threads to the CPUs Ray gave this actor: more threads than
         # cores just makes the actor fight the decode tasks for them
         torch.set_num_threads(max(1, threads))
+        if use_gpu:  # a driver / torch build mismatch fails here, in one message
+            from pipeline.resources import check_cuda
+
+            check_cuda("extract inference actor")
         self.torch = torch
         self.device = torch.device("cuda" if use_gpu else "cpu")
         model, info = load_attribute_model(tables.location(cfg, "models/attributes"))
@@ -328,20 +332,32 @@ def _gpus_per_actor(cfg: Config) -> float:
     return float(want) if resolve_use_gpu(cfg, True) else 0.0
 
 
-def _check_resources(cfg: Config, gpus: float) -> None:
-    """Refuse configs whose actor pool would leave no CPU for the decode tasks (a hang)."""
-    from pipeline.ray_runtime import cluster_cpus
+def _check_resources(cfg: Config, gpus: float) -> tuple[int, int]:
+    """The actor pool's (min, max) size, "auto" resolved, checked per node (bounded wait).
+
+    The request is ``min_actors`` actors plus one decode task: an actor pool whose decode tasks
+    find no CPU, or whose actors find no GPU, waits forever. "auto" = the actor bundles the
+    nodes hold (on CPU, after one decode task's CPUs); ``min_actors = "auto"`` = that number
+    too (capped by an explicit ``max_actors``).
+    """
+    from pipeline import resources
 
     e = cfg.extract
-    have = cluster_cpus()
-    need = e.cpus_per_actor * e.min_actors + e.cpus_per_decode_task
-    if have and need > have:
-        raise ValueError(
-            f"extract needs {need:g} CPUs (min_actors {e.min_actors} x cpus_per_actor "
-            f"{e.cpus_per_actor:g} + one decode task {e.cpus_per_decode_task:g}) but the Ray "
-            f"cluster has {have:g}; lower extract.cpus_per_actor / min_actors")
-    if e.max_actors < e.min_actors:
-        raise ValueError(f"extract.max_actors ({e.max_actors}) < min_actors ({e.min_actors})")
+    actor = {"CPU": e.cpus_per_actor, "GPU": gpus}
+    decode = {"CPU": e.cpus_per_decode_task}
+    lo, hi = e.min_actors, e.max_actors
+    if "auto" in (lo, hi):
+        fit = max(1, resources.fit_count(actor, resources.node_totals(), reserve=decode))
+        hi = fit if hi == "auto" else hi
+        lo = min(fit, hi) if lo == "auto" else lo
+        log.info("[extract] actor pool %s..%s -> %d..%d", e.min_actors, e.max_actors, lo, hi)
+    if hi < lo:
+        raise ValueError(f"extract.max_actors ({hi}) < min_actors ({lo})")
+    resources.ensure_fits(
+        cfg, f"extract: {lo} inference actor(s) + one decode task", [actor] * lo + [decode],
+        "lower extract.min_actors (or \"auto\"), cpus_per_actor, gpus_per_actor or "
+        "cpus_per_decode_task, or add nodes")
+    return int(lo), int(hi)
 
 
 def _commit_shard(cfg: Config, shard: int, parts: list[pa.Table], schema: pa.Schema,
@@ -457,8 +473,10 @@ def run(cfg: Config) -> dict:
     gpus = _gpus_per_actor(cfg)
     counts = {"features_rows_new": 0, "error_rows_new": 0}
     device = "cuda" if gpus > 0 else "cpu"
+    actors = [e.min_actors, e.max_actors]
     if work.num_rows:
-        _check_resources(cfg, gpus)
+        lo, hi = _check_resources(cfg, gpus)
+        actors = [lo, hi]
         # blocks of batch_size rows: one decode task per inference batch, and enough blocks
         # that decoding runs ahead of the actors
         blocks = [work.slice(i, e.batch_size) for i in range(0, work.num_rows, e.batch_size)]
@@ -470,7 +488,7 @@ def run(cfg: Config) -> dict:
                        "min_side": e.min_image_side, "read_threads": e.read_threads})
         ds = ds.map_batches(
             _Infer, batch_format="pyarrow", batch_size=e.batch_size, zero_copy_batch=True,
-            compute=ray.data.ActorPoolStrategy(min_size=e.min_actors, max_size=e.max_actors),
+            compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
             num_cpus=e.cpus_per_actor, num_gpus=gpus,
             fn_constructor_kwargs={"cfg": cfg, "use_gpu": gpus > 0,
                                    "threads": max(1, int(round(e.cpus_per_actor)))})
@@ -516,7 +534,7 @@ def run(cfg: Config) -> dict:
         "embedding": emb.name,
         "embedding_dim": emb.dim,
         "device": device,
-        "actors": [e.min_actors, e.max_actors],
+        "actors": actors,
         "seconds": round(seconds, 2),
         "images_per_s": round(sum(expected.values()) / seconds, 2) if expected else 0.0,
     }

@@ -137,7 +137,7 @@ def _run(cfg: Config, *, fail_after_epoch: int | None = None) -> dict:
     runs_loc = tables.location(cfg, RUNS_DIR)
     resumed_from = _prepare_run_dir(cfg, model_loc, runs_loc, name, fp)
 
-    world = t.num_workers
+    world = _workers(cfg, use_gpu)
     n_train = splits["train"].num_rows
     per_worker = n_train // world
     steps_per_epoch = max(1, math.ceil(per_worker / t.batch_size))
@@ -158,7 +158,7 @@ def _run(cfg: Config, *, fail_after_epoch: int | None = None) -> dict:
         "seed": cfg.run.seed, "steps_per_epoch": steps_per_epoch,
         "max_steps_per_epoch": t.max_steps_per_epoch, "drop_last": drop_last,
         "shuffle_buffer": t.shuffle_buffer_batches * t.batch_size,
-        "log_every": t.log_every_steps, "use_amp": use_gpu, "fail_after_epoch": fail_after_epoch,
+        "log_every": t.log_every_steps, "use_gpu": use_gpu, "use_amp": use_gpu, "fail_after_epoch": fail_after_epoch,
     }
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     run_config = RunConfig(
@@ -167,7 +167,10 @@ def _run(cfg: Config, *, fail_after_epoch: int | None = None) -> dict:
         checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints,
                                            checkpoint_score_attribute=SCORE,
                                            checkpoint_score_order="max"),
-        failure_config=FailureConfig(max_failures=t.max_failures),
+        # controller_failure_limit: a worker group that cannot start (Ray Train's 60 s start
+        # timeout) fails the run instead of being retried without end (Ray's default is -1)
+        failure_config=FailureConfig(max_failures=t.max_failures,
+                                     controller_failure_limit=t.max_failures),
     )
     trainer = TorchTrainer(
         _train_loop, train_loop_config=loop_config, datasets=datasets,
@@ -231,6 +234,35 @@ def _run(cfg: Config, *, fail_after_epoch: int | None = None) -> dict:
         "images_per_s": float(np.mean([r["images_per_s"] for r in latest["history"]])),
         "train_seconds": round(train_seconds, 2), "model_uri": model_loc.uri,
     }
+
+
+def _workers(cfg: Config, use_gpu: bool) -> int:
+    """``train.num_workers`` resolved ("auto") and checked against the nodes (bounded wait).
+
+    The request is the workers plus one decode task: without a CPU left for decoding, training
+    would wait on Ray Data forever. "auto": on GPU, every worker bundle the nodes hold; on CPU,
+    one worker per node that holds one (on one node, DDP over its cores gains nothing over
+    torch's intra-op threads).
+    """
+    from pipeline import resources
+
+    t = cfg.train
+    worker = {"CPU": t.cpus_per_worker, "GPU": 1.0 if use_gpu else 0.0}
+    decode = {"CPU": t.decode_cpus}
+    world = t.num_workers
+    if world == "auto":
+        nodes = resources.node_totals()
+        if use_gpu:
+            world = resources.fit_count(worker, nodes, reserve=decode)
+        else:
+            world = sum(1 for n in nodes if resources.fit_count(worker, [n]) > 0)
+        world = max(1, world)  # none fits: the check below waits for one or says why not
+        log.info("[%s] train.num_workers = auto -> %d", STAGE, world)
+    resources.ensure_fits(
+        cfg, f"{STAGE}: {world} worker(s) + one decode task", [worker] * world + [decode],
+        "lower train.num_workers (or \"auto\"), train.cpus_per_worker or train.decode_cpus, "
+        "or add nodes")
+    return int(world)
 
 
 def _resolve_attributes(cfg: Config, schema: pa.Schema) -> list[str]:
@@ -406,6 +438,10 @@ class _Predictor:
 
         from pipeline.models import AttributeNet
 
+        if use_gpu:
+            from pipeline.resources import check_cuda
+
+            check_cuda("train_attributes predictor")
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.model = AttributeNet(n_attributes)
         self.model.load_state_dict(ray.get(state_ref[0]))
@@ -570,6 +606,10 @@ def _train_loop(c: dict) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if c["use_gpu"]:  # before anything touches CUDA: a driver / build mismatch, one message
+        from pipeline.resources import check_cuda
+
+        check_cuda(f"train_attributes worker {rank}")
     device = ray.train.torch.get_device()
     n_attr = len(c["attributes"])
     torch.manual_seed(derive_seed(c["seed"], STAGE, "init"))
