@@ -166,6 +166,9 @@ class ExtractConfig(_Section):
     gpus_per_actor: float | Literal["auto"] = "auto"
     # CPUs each inference actor requests.
     cpus_per_actor: float = Field(default=1.0, gt=0)
+    # Batches a GPU actor runs at once, each on its own thread and CUDA stream (copy overlaps
+    # compute); CPU actors always run one.
+    calls_per_gpu_actor: int = Field(default=2, ge=1)
     # CPUs each decode task requests.
     cpus_per_decode_task: float = Field(default=0.5, gt=0)
     # Rows per output Parquet file; also the unit of resume (one shard = one file). Driver memory

@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -185,6 +186,15 @@ def _embedding_seed(cfg: Config) -> int:
     return derive_seed(cfg.run.seed, STAGE, "embedding_init")
 
 
+def _autocast(torch, device):
+    """bf16 autocast on GPUs that have bf16 (Ampere and later), fp16 on older ones; none on CPU
+    (CPU autocast is slower than float32 on most CPUs)."""
+    if device.type != "cuda":
+        return torch.autocast("cpu", enabled=False)
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
 class _Infer:
     """One inference actor: both models loaded once, run on the same decoded batch."""
 
@@ -217,46 +227,90 @@ class _Infer:
         self.schema = _infer_schema(self.attributes, self.emb.dim)
 
         def norm(mean, std):
-            m = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-            s = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-            return m * 255.0, s * 255.0  # applied to 0..255 pixels
+            # (x/255 - mean)/std as one multiply-add on 0..255 pixels, constants on the device
+            m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+            s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+            return (1.0 / (255.0 * s)).to(self.device), (-m / s).to(self.device)
 
         self.attr_norm = norm(info.mean, info.std)
         self.emb_norm = norm(self.emb.mean, self.emb.std)
+        self._local = threading.local()  # per-call-thread CUDA stream and pinned buffers
+        # a fresh autocast context per call: one instance is not safe on two threads
+        self.amp = lambda: _autocast(torch, self.device)
 
-    def _tensor(self, col: pa.ChunkedArray, idx: np.ndarray, size: int, normalise):
+    def _stream(self):
+        """This thread's CUDA stream (calls run on two threads: each copies on its own stream,
+        so one call's host-to-device copy overlaps the other call's compute)."""
+        st = getattr(self._local, "stream", None)
+        if st is None:
+            st = self._local.stream = self.torch.cuda.Stream(device=self.device)
+        return st
+
+    def _staged(self, key: str, rows: np.ndarray):
+        """Pinned host memory holding ``rows`` (one copy); the buffer is this thread's, reused
+        across calls (a call ends with a sync on its stream, so the last copy from it is done)."""
         torch = self.torch
-        buf = b"".join(col.take(pa.array(idx)).to_pylist())
-        x = torch.frombuffer(bytearray(buf), dtype=torch.uint8).view(len(idx), size, size, 3)
-        # NHWC uint8 -> NCHW float, in channels_last memory (a view, no copy); normalise on device
-        x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
-        mean, std = normalise
-        return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+        bufs = self._local.__dict__.setdefault("pinned", {})
+        buf = bufs.get(key)
+        if buf is None or buf.numel() < rows.size:
+            buf = bufs[key] = torch.empty(rows.size, dtype=torch.uint8, pin_memory=True)
+        host = buf[:rows.size].view(rows.shape)
+        np.copyto(host.numpy(), rows)
+        return host
+
+    def _tensor(self, col: pa.ChunkedArray, size: int, normalise, key: str):
+        """A binary ``px<S>`` column's usable rows -> normalised float NCHW on the device."""
+        import warnings
+
+        torch = self.torch
+        rows = pixel_rows(col, size)  # a view of the Arrow buffer (no copy) in the usual case
+        if self.device.type == "cuda":
+            x = self._staged(key, rows).to(self.device, non_blocking=True)
+        else:
+            with warnings.catch_warnings():
+                # the Arrow buffer is read-only; nothing writes to it (.float() below copies)
+                warnings.simplefilter("ignore", UserWarning)
+                x = torch.from_numpy(rows)
+        # NHWC uint8 -> NCHW float: the permuted view is already channels_last, and the
+        # elementwise ops keep that layout (no .contiguous() copy)
+        scale, shift = normalise
+        return torch.addcmul(shift, x.permute(0, 3, 1, 2).float(), scale)
 
     def inputs(self, batch: pa.Table, good: np.ndarray):
         """The normalised input tensors of the batch's usable rows (attribute, embedding)."""
-        xa = self._tensor(batch.column(f"px{self.attr_size}"), good, self.attr_size,
-                          self.attr_norm)
+        xa = self._tensor(batch.column(f"px{self.attr_size}"), self.attr_size, self.attr_norm,
+                          "attr")
+        if xa.shape[0] != len(good):
+            raise RuntimeError(f"px{self.attr_size} holds {xa.shape[0]} images for {len(good)} "
+                               f"rows without error (decode output is inconsistent)")
         if self.emb_model is None:
             return xa, None
         same = self.emb_size == self.attr_size and self.emb.mean == tuple(
             self.info.mean) and self.emb.std == tuple(self.info.std)
-        xe = xa if same else self._tensor(batch.column(f"px{self.emb_size}"), good,
-                                          self.emb_size, self.emb_norm)
+        xe = xa if same else self._tensor(batch.column(f"px{self.emb_size}"), self.emb_size,
+                                          self.emb_norm, "emb")
         return xa, xe
 
     def forward(self, xa, xe):
-        """Both models on one batch: (attribute probabilities, embeddings) as float32 numpy."""
+        """Both models on one batch: (attribute probabilities, embeddings) as float32 numpy.
+
+        The two results leave the device in one copy per batch, the call's only sync.
+        """
         torch = self.torch
-        # mixed precision on GPU only: CPU autocast (bfloat16) is slower on most CPUs
-        amp = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
-               else torch.autocast("cpu", enabled=False))
-        with torch.inference_mode(), amp:
+        with torch.inference_mode(), self.amp():
             feats = self.attr_model.embed(xa)
             logits = self.attr_model.head(feats)  # eval: dropout is the identity
             # attribute_backbone: the same forward pass gives the embedding
             e = feats if self.emb_model is None else self.emb_model(xe)
-            return torch.sigmoid(logits.float()).cpu().numpy(), e.float().cpu().numpy()
+            out = torch.cat([torch.sigmoid(logits.float()), e.float()], dim=1)
+        if self.device.type == "cuda":
+            host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            host.copy_(out, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
+            out = host
+        out = out.numpy()
+        k = len(self.attributes)
+        return out[:, :k], out[:, k:]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
@@ -264,23 +318,71 @@ class _Infer:
         probs = np.zeros((len(good), len(self.attributes)), np.float32)
         emb = np.zeros((len(good), self.emb.dim), np.float32)
         if len(good):
-            probs, emb = self.forward(*self.inputs(batch, good))
-        # scatter results back to the batch's rows; error rows keep nulls
-        cols: list[pa.Array] = []
-        mask = np.ones(n, bool)
-        mask[good] = False
-        for j in range(len(self.attributes)):
-            full = np.zeros(n, np.float32)
-            full[good] = probs[:, j]
-            cols.append(pa.array(full, pa.float32(), mask=mask))
-        flat = np.zeros((n, self.emb.dim), np.float32)
-        flat[good] = emb
-        emb_arr = pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel(), pa.float32()),
-                                                    self.emb.dim, mask=pa.array(mask))
+            if self.device.type == "cuda":
+                with self.torch.cuda.stream(self._stream()):
+                    probs, emb = self.forward(*self.inputs(batch, good))
+            else:
+                probs, emb = self.forward(*self.inputs(batch, good))
+        return self._output(batch, good, probs, emb)
+
+    def _output(self, batch: pa.Table, good: np.ndarray, probs: np.ndarray,
+                emb: np.ndarray) -> pa.Table:
+        """Results scattered back to the batch's rows (error rows keep nulls), as Arrow."""
+        n = batch.num_rows
+        mask = None
+        if len(good) < n:
+            mask = np.ones(n, bool)
+            mask[good] = False
+            full = np.zeros((n, probs.shape[1]), np.float32)
+            full[good] = probs
+            probs = full
+            flat = np.zeros((n, self.emb.dim), np.float32)
+            flat[good] = emb
+            emb = flat
+        probs = np.ascontiguousarray(probs.T)  # one contiguous row per attribute column
+        cols = [pa.array(probs[j], pa.float32(), mask=mask) for j in range(len(self.attributes))]
+        emb_arr = pa.FixedSizeListArray.from_arrays(
+            pa.array(np.ascontiguousarray(emb).ravel(), pa.float32()), self.emb.dim,
+            mask=None if mask is None else pa.array(mask))
         arrays = [batch.column("image_id"), batch.column("uri"), batch.column("shard"),
                   batch.column("error")] + cols + [emb_arr]
         return pa.Table.from_arrays([a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a
                                      for a in arrays], schema=self.schema)
+
+
+def pixel_rows(col: pa.ChunkedArray | pa.Array, size: int) -> np.ndarray:
+    """The non-null rows of a binary ``px<S>`` column as one ``(n, S, S, 3)`` uint8 array.
+
+    Decode writes every usable row as exactly S*S*3 bytes and error rows as zero-length nulls,
+    so a chunk's usable rows lie back to back in its value buffer: the result is a read-only
+    view of that buffer (no copy) when the column has one chunk, one copy when it has several.
+    Rows with another length (a producer that is not ``_decode_block``) are an error.
+    """
+    row = size * size * 3
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    views = []
+    for ch in chunks:
+        if len(ch) == 0:
+            continue
+        if ch.type != pa.binary():
+            raise TypeError(f"pixel column has type {ch.type}, expected binary")
+        _, off_buf, val_buf = ch.buffers()
+        offsets = np.frombuffer(off_buf, np.int32, count=len(ch) + 1, offset=ch.offset * 4)
+        lengths = np.diff(offsets)
+        valid = ch.is_valid().to_numpy(zero_copy_only=False)
+        if (lengths[valid] != row).any() or (lengths[~valid] != 0).any():
+            bad = int(np.flatnonzero(valid & (lengths != row))[0]) if (
+                lengths[valid] != row).any() else int(np.flatnonzero(~valid & (lengths != 0))[0])
+            raise ValueError(f"pixel row {bad} has {lengths[bad]} bytes, expected {row} "
+                             f"({size}x{size}x3) or 0 for an error row")
+        n_valid = int(valid.sum())
+        if n_valid == 0:
+            continue
+        views.append(np.frombuffer(val_buf, np.uint8, count=n_valid * row,
+                                   offset=int(offsets[0])).reshape(n_valid, size, size, 3))
+    if not views:
+        return np.zeros((0, size, size, 3), np.uint8)
+    return views[0] if len(views) == 1 else np.concatenate(views)
 
 
 # --------------------------------------------------------------------------- driver
@@ -358,6 +460,18 @@ def _check_resources(cfg: Config, gpus: float) -> tuple[int, int]:
         "lower extract.min_actors (or \"auto\"), cpus_per_actor, gpus_per_actor or "
         "cpus_per_decode_task, or add nodes")
     return int(lo), int(hi)
+
+
+def _actor_pool(cfg: Config, lo: int, hi: int, gpus: float):
+    """The inference actors' pool; a GPU actor runs ``extract.calls_per_gpu_actor`` batches at
+    once on their own threads and CUDA streams, so one batch's host-to-device copy and Arrow
+    work overlap the other's compute (a CPU actor runs one: its cores are already busy)."""
+    import ray.data
+
+    calls = cfg.extract.calls_per_gpu_actor if gpus > 0 else 1
+    return ray.data.ActorPoolStrategy(min_size=lo, max_size=hi,
+                                      max_concurrent_calls_per_actor=calls,
+                                      enable_true_multi_threading=calls > 1)
 
 
 def _commit_shard(cfg: Config, shard: int, parts: list[pa.Table], schema: pa.Schema,
@@ -488,7 +602,7 @@ def run(cfg: Config) -> dict:
                        "min_side": e.min_image_side, "read_threads": e.read_threads})
         ds = ds.map_batches(
             _Infer, batch_format="pyarrow", batch_size=e.batch_size, zero_copy_batch=True,
-            compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+            compute=_actor_pool(cfg, lo, hi, gpus),
             num_cpus=e.cpus_per_actor, num_gpus=gpus,
             fn_constructor_kwargs={"cfg": cfg, "use_gpu": gpus > 0,
                                    "threads": max(1, int(round(e.cpus_per_actor)))})

@@ -255,3 +255,43 @@ def test_clear_errors_for_missing_inputs(tmp_path, ray_session):
     hog = small_cfg(tmp_path, "extract.cpus_per_actor=2")
     with pytest.raises(ValueError, match="needs 2.5 CPUs"):
         extract.run(hog)
+
+
+def test_pixel_rows_is_a_view_of_the_arrow_buffer_and_skips_error_rows():
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
+    col = pa.array([imgs[0].tobytes(), None, imgs[2].tobytes(), imgs[3].tobytes(), None],
+                   pa.binary())
+    rows = extract.pixel_rows(col, 4)
+    assert np.array_equal(rows, imgs[[0, 2, 3]])
+    # zero copy: the array's memory is the Arrow value buffer itself
+    assert rows.ctypes.data == col.buffers()[2].address
+    # a slice (non-zero offset) and several chunks (Ray Data batches may have them)
+    assert np.array_equal(extract.pixel_rows(col.slice(2), 4), imgs[[2, 3]])
+    chunked = pa.chunked_array([col.slice(0, 2), col.slice(2)])
+    assert np.array_equal(extract.pixel_rows(chunked, 4), imgs[[0, 2, 3]])
+    assert extract.pixel_rows(pa.array([None], pa.binary()), 4).shape == (0, 4, 4, 3)
+    with pytest.raises(ValueError, match="pixel row 1 has 3 bytes, expected 48"):
+        extract.pixel_rows(pa.array([imgs[0].tobytes(), b"abc"], pa.binary()), 4)
+
+
+def test_actor_inputs_match_the_reference_normalisation(tmp_path):
+    """The actor's zero-copy chain gives the same tensors as (x / 255 - mean) / std."""
+    cfg = small_cfg(tmp_path, "extract.embedding=attribute_backbone")
+    export_random_attribute_model(cfg)
+    inf = extract._Infer(cfg, use_gpu=False, threads=1)
+    rng = np.random.default_rng(1)
+    imgs = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    batch = pa.table({"image_id": ["a", "b", "c"], "uri": ["a", "b", "c"],
+                      "shard": pa.array([0, 0, 0], pa.int32()),
+                      "error": pa.array([None, "bad", None], pa.string()),
+                      "px32": pa.array([imgs[0].tobytes(), None, imgs[2].tobytes()])})
+    xa, _ = inf.inputs(batch, np.array([0, 2]))
+    m = torch.tensor(inf.info.mean).view(1, 3, 1, 1)
+    s = torch.tensor(inf.info.std).view(1, 3, 1, 1)
+    ref = (torch.from_numpy(imgs[[0, 2]]).permute(0, 3, 1, 2).float() / 255 - m) / s
+    assert torch.allclose(xa, ref, atol=1e-5)
+    assert xa.is_contiguous(memory_format=torch.channels_last)
+    out = inf(batch)
+    assert out["p_Male"].null_count == 1 and out["embedding"].null_count == 1
+    assert out["p_Male"][1].as_py() is None and out["p_Male"][0].as_py() is not None
