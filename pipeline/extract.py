@@ -323,31 +323,33 @@ class _Infer:
                     probs, emb = self.forward(*self.inputs(batch, good))
             else:
                 probs, emb = self.forward(*self.inputs(batch, good))
-        return self._output(batch, good, probs, emb)
+        return _infer_output(batch, good, probs, emb, self.schema)
 
-    def _output(self, batch: pa.Table, good: np.ndarray, probs: np.ndarray,
-                emb: np.ndarray) -> pa.Table:
-        """Results scattered back to the batch's rows (error rows keep nulls), as Arrow."""
-        n = batch.num_rows
-        mask = None
-        if len(good) < n:
-            mask = np.ones(n, bool)
-            mask[good] = False
-            full = np.zeros((n, probs.shape[1]), np.float32)
-            full[good] = probs
-            probs = full
-            flat = np.zeros((n, self.emb.dim), np.float32)
-            flat[good] = emb
-            emb = flat
-        probs = np.ascontiguousarray(probs.T)  # one contiguous row per attribute column
-        cols = [pa.array(probs[j], pa.float32(), mask=mask) for j in range(len(self.attributes))]
-        emb_arr = pa.FixedSizeListArray.from_arrays(
-            pa.array(np.ascontiguousarray(emb).ravel(), pa.float32()), self.emb.dim,
-            mask=None if mask is None else pa.array(mask))
-        arrays = [batch.column("image_id"), batch.column("uri"), batch.column("shard"),
-                  batch.column("error")] + cols + [emb_arr]
-        return pa.Table.from_arrays([a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a
-                                     for a in arrays], schema=self.schema)
+
+def _infer_output(batch: pa.Table, good: np.ndarray, probs: np.ndarray, emb: np.ndarray,
+                  schema: pa.Schema) -> pa.Table:
+    """The actor's results scattered back to the batch's rows (error rows keep nulls)."""
+    n = batch.num_rows
+    dim = emb.shape[1]
+    mask = None
+    if len(good) < n:
+        mask = np.ones(n, bool)
+        mask[good] = False
+        full = np.zeros((n, probs.shape[1]), np.float32)
+        full[good] = probs
+        probs = full
+        flat = np.zeros((n, dim), np.float32)
+        flat[good] = emb
+        emb = flat
+    probs = np.ascontiguousarray(probs.T)  # one contiguous row per attribute column
+    cols = [pa.array(probs[j], pa.float32(), mask=mask) for j in range(probs.shape[0])]
+    emb_arr = pa.FixedSizeListArray.from_arrays(
+        pa.array(np.ascontiguousarray(emb).ravel(), pa.float32()), dim,
+        mask=None if mask is None else pa.array(mask))
+    arrays = [batch.column("image_id"), batch.column("uri"), batch.column("shard"),
+              batch.column("error")] + cols + [emb_arr]
+    return pa.Table.from_arrays([a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a
+                                 for a in arrays], schema=schema)
 
 
 def pixel_rows(col: pa.ChunkedArray | pa.Array, size: int) -> np.ndarray:

@@ -295,3 +295,14 @@ def test_actor_inputs_match_the_reference_normalisation(tmp_path):
     out = inf(batch)
     assert out["p_Male"].null_count == 1 and out["embedding"].null_count == 1
     assert out["p_Male"][1].as_py() is None and out["p_Male"][0].as_py() is not None
+
+
+def test_host_chain_benchmark_runs_and_both_chains_agree():
+    """`python -m jobs.benchmark extract_host` at tiny sizes: it checks the old and new chains
+    give the same pixels and outputs before timing them."""
+    from pipeline.benchmarks import extract_host
+
+    res = extract_host.run(tiny_config(Path("/nonexistent")), batch=8, size=16, attr_size=8,
+                           errors=2, dim=4, attributes=3, seconds=0.01)
+    assert res["batch"] == 8 and res["sizes_px"] == [8, 16]
+    assert res["now_images_per_s"] > 0 and res["before_images_per_s"] > 0
