@@ -138,8 +138,11 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(default=2, ge=1)
     # Worker-group restarts from the latest checkpoint after a failure, within one run.
     max_failures: int = Field(default=0, ge=0)
-    # Log progress (step, loss, images/s) every N training steps on rank 0.
+    # Log progress (step, loss, images/s) every N training steps on rank 0 (the only host sync
+    # of the training loop between epochs).
     log_every_steps: int = Field(default=20, ge=1)
+    # Batches each training worker's Ray Data iterator prepares ahead of the step (collate, pin).
+    prefetch_batches: int = Field(default=4, ge=1)
 
     @field_validator("use_gpu", mode="before")
     @classmethod
