@@ -177,6 +177,9 @@ class ExtractConfig(_Section):
     # Rows per output Parquet file; also the unit of resume (one shard = one file). Driver memory
     # holds about one shard's features (rows_per_file x embedding dim x 4 bytes: 40 MiB at 5000).
     rows_per_file: int = Field(default=5000, ge=1)
+    # Finished shards queued for the background writer before the stream waits for it (driver
+    # memory: each holds rows_per_file rows of features).
+    commit_queue_shards: int = Field(default=2, ge=1)
     # Images whose shorter side is below this many pixels go to errors/ instead of being upscaled.
     min_image_side: int = Field(default=16, ge=1)
     # Concurrent file reads inside one decode task (hides S3 latency; local disk barely needs it).

@@ -496,6 +496,64 @@ def _commit_shard(cfg: Config, shard: int, parts: list[pa.Table], schema: pa.Sch
     return feats.num_rows, errs.num_rows
 
 
+class _ShardWriter:
+    """Commits finished shards on one background thread, off the stream's critical path.
+
+    Same guarantees as committing inline: each shard is written by :func:`_commit_shard`
+    (errors file, then features file), shards one at a time in completion order; after the
+    first failure nothing else is written (a run that failed, like a killed one, leaves only
+    whole shards) and the failure is raised in the driver at its next ``submit`` or at
+    ``close``. Bounded: ``submit`` waits while ``max_pending`` shards are queued, so the driver
+    holds at most that many shards' rows beyond the ones still being filled.
+    """
+
+    def __init__(self, cfg: Config, schema: pa.Schema, metadata: dict[str, str],
+                 max_pending: int):
+        self.cfg, self.schema, self.metadata = cfg, schema, metadata
+        self.max_pending = max(1, max_pending)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="extract-commit")
+        self.pending: list = []
+        self.failed = threading.Event()
+        self.counts = {"features_rows_new": 0, "error_rows_new": 0}
+        self.stall_s = 0.0  # time the stream waited for the writer (a full queue)
+
+    def _write(self, shard: int, parts: list[pa.Table]) -> tuple[int, int]:
+        if self.failed.is_set():
+            return 0, 0  # an earlier shard failed: write nothing more
+        try:
+            f_rows, e_rows = _commit_shard(self.cfg, shard, parts, self.schema, self.metadata)
+        except BaseException:
+            self.failed.set()
+            raise
+        log.info("[extract] shard %d committed: %d features, %d errors", shard, f_rows, e_rows)
+        return f_rows, e_rows
+
+    def _collect(self, fut) -> None:
+        f_rows, e_rows = fut.result()  # re-raises the writer's exception here, in the driver
+        self.counts["features_rows_new"] += f_rows
+        self.counts["error_rows_new"] += e_rows
+
+    def submit(self, shard: int, parts: list[pa.Table]) -> None:
+        while self.pending and (self.pending[0].done() or len(self.pending) >= self.max_pending):
+            t = time.perf_counter()
+            fut = self.pending.pop(0)
+            if not fut.done():
+                fut.exception()  # wait for room; result collected just below
+            self.stall_s += time.perf_counter() - t
+            self._collect(fut)
+        self.pending.append(self.pool.submit(self._write, shard, parts))
+
+    def close(self) -> dict[str, int]:
+        """Wait for every queued shard; raise the first failure."""
+        try:
+            while self.pending:
+                self._collect(self.pending.pop(0))
+        finally:
+            self.failed.set()  # on an error in the driver: queued shards are not written
+            self.pool.shutdown(wait=True)
+        return self.counts
+
+
 def _shard_of(path: str) -> int | None:
     base = path.rsplit("/", 1)[-1]
     if base.startswith("part-") and base.endswith(".parquet"):
@@ -610,21 +668,28 @@ def run(cfg: Config) -> dict:
                                    "threads": max(1, int(round(e.cpus_per_actor)))})
         pending: dict[int, list[pa.Table]] = {}
         got: dict[int, int] = {}
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            # blocks may arrive out of order; buffer per shard, commit a shard once complete
-            for s in pc.unique(batch["shard"]).to_pylist():
-                part = batch.filter(pc.equal(batch["shard"], s))
-                pending.setdefault(s, []).append(part)
-                got[s] = got.get(s, 0) + part.num_rows
-                if got[s] == expected[s]:
-                    f_rows, e_rows = _commit_shard(cfg, s, pending.pop(s), schema, metadata)
-                    counts["features_rows_new"] += f_rows
-                    counts["error_rows_new"] += e_rows
-                    log.info("[extract] shard %d committed: %d features, %d errors", s, f_rows,
-                             e_rows)
-                elif got[s] > expected[s]:
-                    raise RuntimeError(f"shard {s}: {got[s]} rows came back, expected "
-                                       f"{expected[s]} (duplicated blocks)")
+        writer = _ShardWriter(cfg, schema, metadata, e.commit_queue_shards)
+        ok = False
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                # blocks may arrive out of order; buffer per shard, commit a shard once complete
+                for s in pc.unique(batch["shard"]).to_pylist():
+                    part = batch.filter(pc.equal(batch["shard"], s))
+                    pending.setdefault(s, []).append(part)
+                    got[s] = got.get(s, 0) + part.num_rows
+                    if got[s] == expected[s]:
+                        writer.submit(s, pending.pop(s))
+                    elif got[s] > expected[s]:
+                        raise RuntimeError(f"shard {s}: {got[s]} rows came back, expected "
+                                           f"{expected[s]} (duplicated blocks)")
+            ok = True
+        finally:
+            if ok:
+                counts.update(writer.close())
+            else:  # the stream failed: stop writing, keep the stream's error
+                writer.failed.set()
+                writer.pool.shutdown(wait=True, cancel_futures=True)
+        counts["commit_stall_s"] = round(writer.stall_s, 2)
         if pending:
             raise RuntimeError(f"shards {sorted(pending)} did not receive all their rows "
                                f"({ {s: got[s] for s in pending} } of "

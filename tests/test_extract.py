@@ -306,3 +306,36 @@ def test_host_chain_benchmark_runs_and_both_chains_agree():
                            errors=2, dim=4, attributes=3, seconds=0.01)
     assert res["batch"] == 8 and res["sizes_px"] == [8, 16]
     assert res["now_images_per_s"] > 0 and res["before_images_per_s"] > 0
+
+
+def test_shard_writer_runs_off_the_stream_bounded_and_stops_after_a_failure(monkeypatch):
+    import time
+
+    written = []
+
+    def slow_commit(cfg, shard, parts, schema, metadata):
+        time.sleep(0.2)
+        if shard == 3:
+            raise OSError("S3 said no")
+        written.append(shard)
+        return sum(p.num_rows for p in parts), 0
+
+    monkeypatch.setattr(extract, "_commit_shard", slow_commit)
+    part = pa.table({"x": [1, 2]})
+    w = extract._ShardWriter(None, None, {}, max_pending=2)
+    t0 = time.perf_counter()
+    w.submit(0, [part])
+    w.submit(1, [part])
+    assert time.perf_counter() - t0 < 0.15  # queued, not written inline
+    w.submit(2, [part])  # the queue is full: waits for shard 0
+    assert 0.15 < time.perf_counter() - t0 and w.stall_s > 0.1
+    assert w.close() == {"features_rows_new": 6, "error_rows_new": 0}
+    assert written == [0, 1, 2]
+
+    written.clear()
+    w = extract._ShardWriter(None, None, {}, max_pending=4)
+    for s in (3, 4, 5):
+        w.submit(s, [part])
+    with pytest.raises(OSError, match="S3 said no"):
+        w.close()
+    assert written == []  # nothing after the failed shard is written

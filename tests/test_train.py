@@ -238,3 +238,14 @@ def test_gpu_resume_of_a_checkpoint_without_scaler_state():
 def test_device_is_part_of_the_run_identity_and_decode_threads_match_cpus():
     assert train._run_fingerprint("abc", True) != train._run_fingerprint("abc", False)
     assert [train._decode_threads(c) for c in (0.25, 1.0, 2.5, 4.0)] == [1, 1, 2, 4]
+
+
+def test_benchmark_baseline_runs_on_the_device_it_is_given(tmp_path):
+    from pipeline.benchmarks import train as bench
+
+    cfg = tiny_config(tmp_path, "train.batch_size=4")
+    m = write_tiny_manifest(cfg, 8)
+    res = bench._baseline(cfg, m, ["Male", "Smiling"], steps=1, device=torch.device("cpu"))
+    assert res["device"] == "cpu" and res["images_per_s"] > 0
+    with pytest.raises((RuntimeError, AssertionError, ValueError)):
+        bench._baseline(cfg, m, ["Male"], steps=1, device=torch.device("meta"))
