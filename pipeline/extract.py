@@ -9,8 +9,9 @@ One Ray Data pipeline, streaming::
                                                      unusable files become rows with `error`
       -> infer                    ONE actor pool     _Infer: loads both models once per actor,
                                                      runs both on the same batch (one decode)
-      -> commit per shard         driver             features/part-<shard>.parquet and
-                                                     errors/extract-<shard>.parquet, atomically
+      -> commit per shard         driver, one        features/part-<shard>.parquet and
+                                  writer thread      errors/extract-<shard>.parquet, atomically
+                                                     (_ShardWriter: off the stream's path)
 
 Batch fields between the steps (Arrow):
 
@@ -31,7 +32,8 @@ the stage starts clean. Ray Data's ``CheckpointConfig`` (beta) was not used: it 
 id column but offers no atomic pairing of a features file with its errors file.
 
 Memory stays bounded: blocks stream through the object store under Ray Data's backpressure and
-the driver holds at most the shards in flight (about one ``rows_per_file`` worth of features).
+the driver holds at most the shards in flight (about one ``rows_per_file`` worth of features)
+plus ``extract.commit_queue_shards`` finished shards waiting for the writer.
 """
 
 from __future__ import annotations
@@ -516,6 +518,7 @@ class _ShardWriter:
         self.failed = threading.Event()
         self.counts = {"features_rows_new": 0, "error_rows_new": 0}
         self.stall_s = 0.0  # time the stream waited for the writer (a full queue)
+        self.drain_s = 0.0  # time the end of the stream waited for the last commits
 
     def _write(self, shard: int, parts: list[pa.Table]) -> tuple[int, int]:
         if self.failed.is_set():
@@ -545,9 +548,11 @@ class _ShardWriter:
 
     def close(self) -> dict[str, int]:
         """Wait for every queued shard; raise the first failure."""
+        t = time.perf_counter()
         try:
             while self.pending:
                 self._collect(self.pending.pop(0))
+            self.drain_s = time.perf_counter() - t
         finally:
             self.failed.set()  # on an error in the driver: queued shards are not written
             self.pool.shutdown(wait=True)
@@ -690,6 +695,7 @@ def run(cfg: Config) -> dict:
                 writer.failed.set()
                 writer.pool.shutdown(wait=True, cancel_futures=True)
         counts["commit_stall_s"] = round(writer.stall_s, 2)
+        counts["commit_drain_s"] = round(writer.drain_s, 2)
         if pending:
             raise RuntimeError(f"shards {sorted(pending)} did not receive all their rows "
                                f"({ {s: got[s] for s in pending} } of "

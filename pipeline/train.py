@@ -131,6 +131,7 @@ def _run(cfg: Config, *, fail_after_epoch: int | None = None) -> dict:
         pos = np.clip(train_prev, 1e-6, None)
         pos_weight = np.minimum((1 - train_prev) / pos, t.pos_weight_max).tolist()
 
+    world = _workers(cfg, use_gpu)  # before anything is written or removed
     # the resolved device is part of the run's identity: "auto" may resolve differently on
     # another cluster, and a CPU run's checkpoint (float32, no scaler) is not a GPU run's
     fp = _run_fingerprint(fingerprints(cfg)[STAGE], use_gpu)
@@ -139,7 +140,6 @@ def _run(cfg: Config, *, fail_after_epoch: int | None = None) -> dict:
     runs_loc = tables.location(cfg, RUNS_DIR)
     resumed_from = _prepare_run_dir(cfg, model_loc, runs_loc, name, fp)
 
-    world = _workers(cfg, use_gpu)
     n_train = splits["train"].num_rows
     per_worker = n_train // world
     steps_per_epoch = max(1, math.ceil(per_worker / t.batch_size))

@@ -154,6 +154,21 @@ def test_gpu_requested_without_gpu_is_refused(tmp_path, ray_session):
     _assert_no_work(cfg)
 
 
+def test_more_workers_than_the_nodes_hold_fails_fast_naming_both(tmp_path, ray_session):
+    """issue 21's reproduction: 4 workers on a 2-CPU Ray used to retry forever."""
+    import time
+
+    from pipeline.resources import ResourceError
+
+    cfg = tiny_config(tmp_path, "train.num_workers=4", "train.cpus_per_worker=1")
+    write_tiny_manifest(cfg, 10)
+    t0 = time.monotonic()
+    with pytest.raises(ResourceError, match=r"4 x \{CPU: 1\}.*nodes hold \{CPU: 2, GPU: 0\}"):
+        train.run(cfg)
+    assert time.monotonic() - t0 < 60
+    _assert_no_work(cfg)
+
+
 # ---------------------------------------------------------------- helpers on fixed arrays
 
 def test_metrics_against_hand_computed_values():
