@@ -239,6 +239,9 @@ class _Infer:
         self._local = threading.local()  # per-call-thread CUDA stream and pinned buffers
         # a fresh autocast context per call: one instance is not safe on two threads
         self.amp = lambda: _autocast(torch, self.device)
+        if self.device.type == "cuda":
+            # weights and constants were copied on the default stream; the calls use their own
+            torch.cuda.synchronize(self.device)
 
     def _stream(self):
         """This thread's CUDA stream (calls run on two threads: each copies on its own stream,
