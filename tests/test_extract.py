@@ -292,6 +292,13 @@ def test_actor_inputs_match_the_reference_normalisation(tmp_path):
     ref = (torch.from_numpy(imgs[[0, 2]]).permute(0, 3, 1, 2).float() / 255 - m) / s
     assert torch.allclose(xa, ref, atol=1e-5)
     assert xa.is_contiguous(memory_format=torch.channels_last)
+    # the GPU path's staging buffer (pinned there, ordinary here): one per thread, reused, grown
+    rows = extract.pixel_rows(batch["px32"], 32)
+    first = inf._staged("attr", rows)
+    assert np.array_equal(first.numpy(), rows)
+    assert inf._staged("attr", rows[:1]).data_ptr() == first.data_ptr()
+    assert np.array_equal(inf._staged("attr", np.concatenate([rows] * 3)).numpy()[4:],
+                          rows)
     out = inf(batch)
     assert out["p_Male"].null_count == 1 and out["embedding"].null_count == 1
     assert out["p_Male"][1].as_py() is None and out["p_Male"][0].as_py() is not None
