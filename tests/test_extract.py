@@ -253,7 +253,10 @@ def test_clear_errors_for_missing_inputs(tmp_path, ray_session):
         with pytest.raises(WeightsError, match="facenet-pytorch"):
             extract.run(face)
     hog = small_cfg(tmp_path, "extract.cpus_per_actor=2")
-    with pytest.raises(ValueError, match="needs 2.5 CPUs"):
+    from pipeline.resources import ResourceError
+
+    with pytest.raises(ResourceError, match=r"1 x \{CPU: 2\} \+ 1 x \{CPU: 0.5\}.*nodes hold "
+                                            r"\{CPU: 2, GPU: 0\}"):
         extract.run(hog)
 
 
