@@ -16,7 +16,7 @@ import hashlib
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -99,6 +99,11 @@ class RayConfig(_Section):
     object_store_mib: int = Field(default=0, ge=0)
     # Allow running on CPU when the config asks for GPUs and the cluster has none.
     allow_cpu_fallback: bool = False
+    # The cluster autoscales: unmet requests go to the autoscaler and are awaited (not refused).
+    autoscaling: bool = False
+    # Seconds a stage waits for a request the nodes cannot hold yet (nodes joining, autoscaler)
+    # before failing with what was asked and what exists; a Ray started in-process never waits.
+    resource_wait_s: float = Field(default=120.0, ge=0)
 
 
 class TrainConfig(_Section):
@@ -124,8 +129,8 @@ class TrainConfig(_Section):
     pos_weight_max: float = Field(default=0.0, ge=0)
     # Random horizontal flips / small crops during training.
     augment: bool = True
-    # Ray Train workers (DDP ranks).
-    num_workers: int = Field(default=1, ge=1)
+    # Ray Train workers (DDP ranks); "auto" = one per GPU that fits (GPU), one per node (CPU).
+    num_workers: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
     # Use GPUs for training: "auto" uses them when the cluster has any.
     use_gpu: Literal["auto", "true", "false"] = "auto"
     # CPUs each training worker requests (fractional so Ray Data tasks are not starved).
@@ -144,11 +149,14 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(default=2, ge=1)
     # Worker-group restarts from the latest checkpoint after a failure, within one run.
     max_failures: int = Field(default=0, ge=0)
-    # Log progress (step, loss, images/s) every N training steps on rank 0.
+    # Log progress (step, loss, images/s) every N training steps on rank 0 (the only host sync
+    # of the training loop between epochs).
     log_every_steps: int = Field(default=20, ge=1)
     # Apply this attribute model instead of training one: another run's models/attributes folder,
     # or a model.pt with its model.json beside it (local or s3://); empty = train here.
     model_from: str = ""
+    # Batches each training worker's Ray Data iterator prepares ahead of the step (collate, pin).
+    prefetch_batches: int = Field(default=4, ge=1)
 
     @field_validator("use_gpu", mode="before")
     @classmethod
@@ -166,19 +174,26 @@ class ExtractConfig(_Section):
     embedding_image_size: int = Field(default=224, ge=16)
     # Images per inference batch.
     batch_size: int = Field(default=64, ge=1)
-    # Inference actor pool lower bound.
-    min_actors: int = Field(default=1, ge=1)
-    # Inference actor pool upper bound (autoscaling).
-    max_actors: int = Field(default=1, ge=1)
+    # Inference actor pool lower bound; "auto" = as many as the nodes hold (see max_actors).
+    min_actors: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
+    # Inference actor pool upper bound; "auto" = actors fitting the nodes' GPUs (GPU) or CPUs
+    # left after one decode task (CPU).
+    max_actors: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
     # GPUs each inference actor requests; "auto" = 1 when the cluster has GPUs, else 0.
     gpus_per_actor: float | Literal["auto"] = "auto"
     # CPUs each inference actor requests.
     cpus_per_actor: float = Field(default=1.0, gt=0)
+    # Batches a GPU actor runs at once, each on its own thread and CUDA stream (copy overlaps
+    # compute); CPU actors always run one.
+    calls_per_gpu_actor: int = Field(default=2, ge=1)
     # CPUs each decode task requests.
     cpus_per_decode_task: float = Field(default=0.5, gt=0)
     # Rows per output Parquet file; also the unit of resume (one shard = one file). Driver memory
     # holds about one shard's features (rows_per_file x embedding dim x 4 bytes: 40 MiB at 5000).
     rows_per_file: int = Field(default=5000, ge=1)
+    # Finished shards queued for the background writer before the stream waits for it (driver
+    # memory: each holds rows_per_file rows of features).
+    commit_queue_shards: int = Field(default=2, ge=1)
     # Images whose shorter side is below this many pixels go to errors/ instead of being upscaled.
     min_image_side: int = Field(default=16, ge=1)
     # Concurrent file reads inside one decode task (hides S3 latency; local disk barely needs it).

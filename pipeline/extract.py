@@ -15,8 +15,9 @@ One Ray Data pipeline, streaming::
                                                      its own pool (extract.dlib_*_actors), so a
                                                      GPU attribute pool and CPU dlib run side
                                                      by side in one streaming pipeline]
-      -> commit per shard         driver             features/part-<shard>.parquet and
-                                                     errors/extract-<shard>.parquet, atomically
+      -> commit per shard         driver, one        features/part-<shard>.parquet and
+                                  writer thread      errors/extract-<shard>.parquet, atomically
+                                                     (_ShardWriter: off the stream's path)
 
 Batch fields between the steps (Arrow):
 
@@ -42,13 +43,15 @@ the stage starts clean. Ray Data's ``CheckpointConfig`` (beta) was not used: it 
 id column but offers no atomic pairing of a features file with its errors file.
 
 Memory stays bounded: blocks stream through the object store under Ray Data's backpressure and
-the driver holds at most the shards in flight (about one ``rows_per_file`` worth of features).
+the driver holds at most the shards in flight (about one ``rows_per_file`` worth of features)
+plus ``extract.commit_queue_shards`` finished shards waiting for the writer.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -273,6 +276,15 @@ def _embedding_seed(cfg: Config) -> int:
     return derive_seed(cfg.run.seed, STAGE, "embedding_init")
 
 
+def _autocast(torch, device):
+    """bf16 autocast on GPUs that have bf16 (Ampere and later), fp16 on older ones; none on CPU
+    (CPU autocast is slower than float32 on most CPUs)."""
+    if device.type != "cuda":
+        return torch.autocast("cpu", enabled=False)
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
 class _Infer:
     """One inference actor: both models loaded once, run on the same decoded batch."""
 
@@ -285,6 +297,10 @@ class _Infer:
         # match torch's intra-op threads to the CPUs Ray gave this actor: more threads than
         # cores just makes the actor fight the decode tasks for them
         torch.set_num_threads(max(1, threads))
+        if use_gpu:  # a driver / torch build mismatch fails here, in one message
+            from pipeline.resources import check_cuda
+
+            check_cuda("extract inference actor")
         self.torch = torch
         self.device = torch.device("cuda" if use_gpu else "cpu")
         model, info = load_attribute_model(tables.location(cfg, "models/attributes"))
@@ -304,41 +320,81 @@ class _Infer:
         self.schema = _infer_schema(self.attributes, None if self.separate else self.emb.dim)
 
         def norm(mean, std):
-            m = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-            s = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-            return m * 255.0, s * 255.0  # applied to 0..255 pixels
+            # (x/255 - mean)/std as one multiply-add on 0..255 pixels, constants on the device
+            m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+            s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+            return (1.0 / (255.0 * s)).to(self.device), (-m / s).to(self.device)
 
         self.attr_norm = norm(info.mean, info.std)
         self.emb_norm = norm(self.emb.mean, self.emb.std)
+        self._local = threading.local()  # per-call-thread CUDA stream and pinned buffers
+        # a fresh autocast context per call: one instance is not safe on two threads
+        self.amp = lambda: _autocast(torch, self.device)
+        if self.device.type == "cuda":
+            # weights and constants were copied on the default stream; the calls use their own
+            torch.cuda.synchronize(self.device)
 
-    def _tensor(self, col: pa.ChunkedArray, idx: np.ndarray, size: int, normalise):
+    def _stream(self):
+        """This thread's CUDA stream (calls run on two threads: each copies on its own stream,
+        so one call's host-to-device copy overlaps the other call's compute)."""
+        st = getattr(self._local, "stream", None)
+        if st is None:
+            st = self._local.stream = self.torch.cuda.Stream(device=self.device)
+        return st
+
+    def _staged(self, key: str, rows: np.ndarray):
+        """Pinned host memory holding ``rows`` (one copy); the buffer is this thread's, reused
+        across calls (a call ends with a sync on its stream, so the last copy from it is done)."""
         torch = self.torch
-        buf = b"".join(col.take(pa.array(idx)).to_pylist())
-        x = torch.frombuffer(bytearray(buf), dtype=torch.uint8).view(len(idx), size, size, 3)
-        # NHWC uint8 -> NCHW float, in channels_last memory (a view, no copy); normalise on device
-        x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
-        mean, std = normalise
-        return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+        bufs = self._local.__dict__.setdefault("pinned", {})
+        buf = bufs.get(key)
+        if buf is None or buf.numel() < rows.size:
+            buf = bufs[key] = torch.empty(rows.size, dtype=torch.uint8,
+                                          pin_memory=self.device.type == "cuda")
+        host = buf[:rows.size].view(rows.shape)
+        np.copyto(host.numpy(), rows)
+        return host
+
+    def _tensor(self, col: pa.ChunkedArray, size: int, normalise, key: str):
+        """A binary ``px<S>`` column's usable rows -> normalised float NCHW on the device."""
+        import warnings
+
+        torch = self.torch
+        rows = pixel_rows(col, size)  # a view of the Arrow buffer (no copy) in the usual case
+        if self.device.type == "cuda":
+            x = self._staged(key, rows).to(self.device, non_blocking=True)
+        else:
+            with warnings.catch_warnings():
+                # the Arrow buffer is read-only; nothing writes to it (.float() below copies)
+                warnings.simplefilter("ignore", UserWarning)
+                x = torch.from_numpy(rows)
+        # NHWC uint8 -> NCHW float: the permuted view is already channels_last, and the
+        # elementwise ops keep that layout (no .contiguous() copy)
+        scale, shift = normalise
+        return torch.addcmul(shift, x.permute(0, 3, 1, 2).float(), scale)
 
     def inputs(self, batch: pa.Table, good: np.ndarray):
         """The normalised input tensors of the batch's usable rows (attribute, embedding)."""
-        xa = self._tensor(batch.column(f"px{self.attr_size}"), good, self.attr_size,
-                          self.attr_norm)
+        xa = self._tensor(batch.column(f"px{self.attr_size}"), self.attr_size, self.attr_norm,
+                          "attr")
+        if xa.shape[0] != len(good):
+            raise RuntimeError(f"px{self.attr_size} holds {xa.shape[0]} images for {len(good)} "
+                               f"rows without error (decode output is inconsistent)")
         if self.emb_model is None:
             return xa, None  # attribute_backbone (same forward pass) or a separate pool
         same = self.emb_size == self.attr_size and self.emb.mean == tuple(
             self.info.mean) and self.emb.std == tuple(self.info.std)
-        xe = xa if same else self._tensor(batch.column(f"px{self.emb_size}"), good,
-                                          self.emb_size, self.emb_norm)
+        xe = xa if same else self._tensor(batch.column(f"px{self.emb_size}"), self.emb_size,
+                                          self.emb_norm, "emb")
         return xa, xe
 
     def forward(self, xa, xe):
-        """Both models on one batch: (attribute probabilities, embeddings) as float32 numpy."""
+        """Both models on one batch: (attribute probabilities, embeddings) as float32 numpy.
+
+        The two results leave the device in one copy per batch, the call's only sync.
+        """
         torch = self.torch
-        # mixed precision on GPU only: CPU autocast (bfloat16) is slower on most CPUs
-        amp = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
-               else torch.autocast("cpu", enabled=False))
-        with torch.inference_mode(), amp:
+        with torch.inference_mode(), self.amp():
             feats = self.attr_model.embed(xa)
             logits = self.attr_model.head(feats)  # eval: dropout is the identity
             probs = torch.sigmoid(logits.float()).cpu().numpy()
@@ -346,30 +402,66 @@ class _Infer:
                 return probs, None
             # attribute_backbone: the same forward pass gives the embedding
             e = feats if self.emb_model is None else self.emb_model(xe)
-            return probs, e.float().cpu().numpy()
+            if self.separate:
+                # dlib: the embedding comes from the next pool; only probabilities leave here
+                out = torch.sigmoid(logits.float())
+            else:
+                # attribute_backbone: the same forward pass gives the embedding
+                e = feats if self.emb_model is None else self.emb_model(xe)
+                out = torch.cat([torch.sigmoid(logits.float()), e.float()], dim=1)
+        if self.device.type == "cuda":
+            host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            host.copy_(out, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
+            out = host
+        out = out.numpy()
+        k = len(self.attributes)
+        return out[:, :k], (None if self.separate else out[:, k:])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
         good = np.flatnonzero(pc.is_null(batch.column("error")).to_numpy(zero_copy_only=False))
         probs = np.zeros((len(good), len(self.attributes)), np.float32)
-        emb = np.zeros((len(good), self.emb.dim), np.float32)
+        emb = None if self.separate else np.zeros((len(good), self.emb.dim), np.float32)
         if len(good):
-            probs, emb = self.forward(*self.inputs(batch, good))
-        # scatter results back to the batch's rows; error rows keep nulls
-        cols: list[pa.Array] = []
+            if self.device.type == "cuda":
+                with self.torch.cuda.stream(self._stream()):
+                    probs, emb = self.forward(*self.inputs(batch, good))
+            else:
+                probs, emb = self.forward(*self.inputs(batch, good))
+        return _infer_output(batch, good, probs, emb, self.schema)
+
+
+def _infer_output(batch: pa.Table, good: np.ndarray, probs: np.ndarray,
+                  emb: np.ndarray | None, schema: pa.Schema) -> pa.Table:
+    """The actor's results scattered back to the batch's rows (error rows keep nulls); ``emb``
+    None passes the original image on to the dlib pool instead."""
+    n = batch.num_rows
+    dim = 0 if emb is None else emb.shape[1]
+    mask = None
+    if len(good) < n:
         mask = np.ones(n, bool)
         mask[good] = False
-        for j in range(len(self.attributes)):
-            full = np.zeros(n, np.float32)
-            full[good] = probs[:, j]
-            cols.append(pa.array(full, pa.float32(), mask=mask))
-        if self.separate:
-            tail = [batch.column(f.name) for f in _ORIGINAL]
-        else:
-            tail = [_embedding_array(emb, good, mask, self.emb.dim)]
-        arrays = [batch.column(c) for c in _ROUTING] + cols + tail
-        return pa.Table.from_arrays([a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a
-                                     for a in arrays], schema=self.schema)
+        full = np.zeros((n, probs.shape[1]), np.float32)
+        full[good] = probs
+        probs = full
+    probs = np.ascontiguousarray(probs.T)  # one contiguous row per attribute column
+    cols = [pa.array(probs[j], pa.float32(), mask=mask) for j in range(probs.shape[0])]
+    if emb is None:
+        # dlib runs next: the original image passes through instead of an embedding
+        tail = [batch.column(f.name) for f in _ORIGINAL]
+    else:
+        flat = emb
+        if mask is not None:
+            flat = np.zeros((n, dim), np.float32)
+            flat[good] = emb
+        tail = [pa.FixedSizeListArray.from_arrays(
+            pa.array(np.ascontiguousarray(flat).ravel(), pa.float32()), dim,
+            mask=None if mask is None else pa.array(mask))]
+    arrays = [batch.column("image_id"), batch.column("uri"), batch.column("shard"),
+              batch.column("error")] + cols + tail
+    return pa.Table.from_arrays([a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a
+                                 for a in arrays], schema=schema)
 
 
 def _embedding_array(emb: np.ndarray, good: np.ndarray, mask: np.ndarray, dim: int
@@ -412,6 +504,41 @@ class _DlibInfer:
                          pa.array(found, pa.bool_(), mask=mask)]
         return pa.Table.from_arrays([a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a
                                      for a in arrays], schema=self.schema)
+
+
+def pixel_rows(col: pa.ChunkedArray | pa.Array, size: int) -> np.ndarray:
+    """The non-null rows of a binary ``px<S>`` column as one ``(n, S, S, 3)`` uint8 array.
+
+    Decode writes every usable row as exactly S*S*3 bytes and error rows as zero-length nulls,
+    so a chunk's usable rows lie back to back in its value buffer: the result is a read-only
+    view of that buffer (no copy) when the column has one chunk, one copy when it has several.
+    Rows with another length (a producer that is not ``_decode_block``) are an error.
+    """
+    row = size * size * 3
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    views = []
+    for ch in chunks:
+        if len(ch) == 0:
+            continue
+        if ch.type != pa.binary():
+            raise TypeError(f"pixel column has type {ch.type}, expected binary")
+        _, off_buf, val_buf = ch.buffers()
+        offsets = np.frombuffer(off_buf, np.int32, count=len(ch) + 1, offset=ch.offset * 4)
+        lengths = np.diff(offsets)
+        valid = ch.is_valid().to_numpy(zero_copy_only=False)
+        if (lengths[valid] != row).any() or (lengths[~valid] != 0).any():
+            bad = int(np.flatnonzero(valid & (lengths != row))[0]) if (
+                lengths[valid] != row).any() else int(np.flatnonzero(~valid & (lengths != 0))[0])
+            raise ValueError(f"pixel row {bad} has {lengths[bad]} bytes, expected {row} "
+                             f"({size}x{size}x3) or 0 for an error row")
+        n_valid = int(valid.sum())
+        if n_valid == 0:
+            continue
+        views.append(np.frombuffer(val_buf, np.uint8, count=n_valid * row,
+                                   offset=int(offsets[0])).reshape(n_valid, size, size, 3))
+    if not views:
+        return np.zeros((0, size, size, 3), np.uint8)
+    return views[0] if len(views) == 1 else np.concatenate(views)
 
 
 # --------------------------------------------------------------------------- driver
@@ -463,27 +590,54 @@ def _gpus_per_actor(cfg: Config) -> float:
     return float(want) if resolve_use_gpu(cfg, True) else 0.0
 
 
-def _check_resources(cfg: Config, gpus: float, dlib: bool = False) -> None:
-    """Refuse configs whose actor pools would leave no CPU for the decode tasks (a hang)."""
-    from pipeline.ray_runtime import cluster_cpus
+def _check_resources(cfg: Config, gpus: float, dlib: bool = False) -> tuple[int, int]:
+    """The actor pool's (min, max) size, "auto" resolved, checked per node (bounded wait).
+
+    The request is ``min_actors`` actors (plus ``dlib_min_actors`` dlib actors when the
+    embedding is dlib) plus one decode task: an actor pool whose decode tasks
+    find no CPU, or whose actors find no GPU, waits forever. "auto" = the actor bundles the
+    nodes hold (on CPU, after one decode task's CPUs); ``min_actors = "auto"`` = that number
+    too (capped by an explicit ``max_actors``).
+    """
+    from pipeline import resources
 
     e = cfg.extract
-    have = cluster_cpus()
-    need = e.cpus_per_actor * e.min_actors + e.cpus_per_decode_task
-    dlib_need = e.cpus_per_dlib_actor * e.dlib_min_actors if dlib else 0.0
-    if have and need + dlib_need > have:
-        raise ValueError(
-            f"extract needs {need + dlib_need:g} CPUs (min_actors {e.min_actors} x "
-            f"cpus_per_actor {e.cpus_per_actor:g} + one decode task {e.cpus_per_decode_task:g}"
-            + (f" + dlib_min_actors {e.dlib_min_actors} x cpus_per_dlib_actor "
-               f"{e.cpus_per_dlib_actor:g}" if dlib else "")
-            + f") but the Ray cluster has {have:g}; lower extract.cpus_per_actor / min_actors"
-            + (" / cpus_per_dlib_actor / dlib_min_actors" if dlib else ""))
-    if e.max_actors < e.min_actors:
-        raise ValueError(f"extract.max_actors ({e.max_actors}) < min_actors ({e.min_actors})")
-    if dlib and e.dlib_max_actors < e.dlib_min_actors:
-        raise ValueError(f"extract.dlib_max_actors ({e.dlib_max_actors}) < dlib_min_actors "
-                         f"({e.dlib_min_actors})")
+    actor = {"CPU": e.cpus_per_actor, "GPU": gpus}
+    decode = {"CPU": e.cpus_per_decode_task}
+    lo, hi = e.min_actors, e.max_actors
+    if "auto" in (lo, hi):
+        fit = max(1, resources.fit_count(actor, resources.node_totals(), reserve=decode))
+        hi = fit if hi == "auto" else hi
+        lo = min(fit, hi) if lo == "auto" else lo
+        log.info("[extract] actor pool %s..%s -> %d..%d", e.min_actors, e.max_actors, lo, hi)
+    if hi < lo:
+        raise ValueError(f"extract.max_actors ({hi}) < min_actors ({lo})")
+    dlib_actors: list[dict] = []
+    if dlib:
+        if e.dlib_max_actors < e.dlib_min_actors:
+            raise ValueError(f"extract.dlib_max_actors ({e.dlib_max_actors}) < dlib_min_actors "
+                             f"({e.dlib_min_actors})")
+        dlib_actors = [{"CPU": e.cpus_per_dlib_actor}] * e.dlib_min_actors
+    what = f"extract: {lo} inference actor(s)" + (
+        f" + {e.dlib_min_actors} dlib actor(s)" if dlib else "") + " + one decode task"
+    resources.ensure_fits(
+        cfg, what, [actor] * lo + dlib_actors + [decode],
+        "lower extract.min_actors (or \"auto\"), cpus_per_actor, gpus_per_actor or "
+        "cpus_per_decode_task" + (", dlib_min_actors or cpus_per_dlib_actor" if dlib else "")
+        + ", or add nodes")
+    return int(lo), int(hi)
+
+
+def _actor_pool(cfg: Config, lo: int, hi: int, gpus: float):
+    """The inference actors' pool; a GPU actor runs ``extract.calls_per_gpu_actor`` batches at
+    once on their own threads and CUDA streams, so one batch's host-to-device copy and Arrow
+    work overlap the other's compute (a CPU actor runs one: its cores are already busy)."""
+    import ray.data
+
+    calls = cfg.extract.calls_per_gpu_actor if gpus > 0 else 1
+    return ray.data.ActorPoolStrategy(min_size=lo, max_size=hi,
+                                      max_concurrent_calls_per_actor=calls,
+                                      enable_true_multi_threading=calls > 1)
 
 
 def _commit_shard(cfg: Config, shard: int, parts: list[pa.Table], schema: pa.Schema,
@@ -504,6 +658,67 @@ def _commit_shard(cfg: Config, shard: int, parts: list[pa.Table], schema: pa.Sch
         storage.delete(tables.location(cfg, "errors").join(f"{STAGE}-{name}.parquet"))
     tables.write(cfg, "features", feats, schema=schema, part=f"part-{name}", metadata=metadata)
     return feats.num_rows, errs.num_rows
+
+
+class _ShardWriter:
+    """Commits finished shards on one background thread, off the stream's critical path.
+
+    Same guarantees as committing inline: each shard is written by :func:`_commit_shard`
+    (errors file, then features file), shards one at a time in completion order; after the
+    first failure nothing else is written (a run that failed, like a killed one, leaves only
+    whole shards) and the failure is raised in the driver at its next ``submit`` or at
+    ``close``. Bounded: ``submit`` waits while ``max_pending`` shards are queued, so the driver
+    holds at most that many shards' rows beyond the ones still being filled.
+    """
+
+    def __init__(self, cfg: Config, schema: pa.Schema, metadata: dict[str, str],
+                 max_pending: int):
+        self.cfg, self.schema, self.metadata = cfg, schema, metadata
+        self.max_pending = max(1, max_pending)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="extract-commit")
+        self.pending: list = []
+        self.failed = threading.Event()
+        self.counts = {"features_rows_new": 0, "error_rows_new": 0}
+        self.stall_s = 0.0  # time the stream waited for the writer (a full queue)
+        self.drain_s = 0.0  # time the end of the stream waited for the last commits
+
+    def _write(self, shard: int, parts: list[pa.Table]) -> tuple[int, int]:
+        if self.failed.is_set():
+            return 0, 0  # an earlier shard failed: write nothing more
+        try:
+            f_rows, e_rows = _commit_shard(self.cfg, shard, parts, self.schema, self.metadata)
+        except BaseException:
+            self.failed.set()
+            raise
+        log.info("[extract] shard %d committed: %d features, %d errors", shard, f_rows, e_rows)
+        return f_rows, e_rows
+
+    def _collect(self, fut) -> None:
+        f_rows, e_rows = fut.result()  # re-raises the writer's exception here, in the driver
+        self.counts["features_rows_new"] += f_rows
+        self.counts["error_rows_new"] += e_rows
+
+    def submit(self, shard: int, parts: list[pa.Table]) -> None:
+        while self.pending and (self.pending[0].done() or len(self.pending) >= self.max_pending):
+            t = time.perf_counter()
+            fut = self.pending.pop(0)
+            if not fut.done():
+                fut.exception()  # wait for room; result collected just below
+            self.stall_s += time.perf_counter() - t
+            self._collect(fut)
+        self.pending.append(self.pool.submit(self._write, shard, parts))
+
+    def close(self) -> dict[str, int]:
+        """Wait for every queued shard; raise the first failure."""
+        t = time.perf_counter()
+        try:
+            while self.pending:
+                self._collect(self.pending.pop(0))
+            self.drain_s = time.perf_counter() - t
+        finally:
+            self.failed.set()  # on an error in the driver: queued shards are not written
+            self.pool.shutdown(wait=True)
+        return self.counts
 
 
 def _shard_of(path: str) -> int | None:
@@ -616,8 +831,10 @@ def run(cfg: Config) -> dict:
     gpus = _gpus_per_actor(cfg)
     counts = {"features_rows_new": 0, "error_rows_new": 0}
     device = "cuda" if gpus > 0 else "cpu"
+    actors = [e.min_actors, e.max_actors]
     if work.num_rows:
-        _check_resources(cfg, gpus, dlib=emb.separate_pool)
+        lo, hi = _check_resources(cfg, gpus, dlib=emb.separate_pool)
+        actors = [lo, hi]
         # blocks of batch_size rows: one decode task per inference batch, and enough blocks
         # that decoding runs ahead of the actors
         blocks = [work.slice(i, e.batch_size) for i in range(0, work.num_rows, e.batch_size)]
@@ -632,7 +849,7 @@ def run(cfg: Config) -> dict:
                        "original_max_side": e.dlib_max_side if emb.separate_pool else None})
         ds = ds.map_batches(
             _Infer, batch_format="pyarrow", batch_size=e.batch_size, zero_copy_batch=True,
-            compute=ray.data.ActorPoolStrategy(min_size=e.min_actors, max_size=e.max_actors),
+            compute=_actor_pool(cfg, lo, hi, gpus),
             num_cpus=e.cpus_per_actor, num_gpus=gpus,
             fn_constructor_kwargs={"cfg": cfg, "use_gpu": gpus > 0,
                                    "threads": max(1, int(round(e.cpus_per_actor)))})
@@ -649,21 +866,29 @@ def run(cfg: Config) -> dict:
                                        "upsample": e.dlib_upsample})
         pending: dict[int, list[pa.Table]] = {}
         got: dict[int, int] = {}
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            # blocks may arrive out of order; buffer per shard, commit a shard once complete
-            for s in pc.unique(batch["shard"]).to_pylist():
-                part = batch.filter(pc.equal(batch["shard"], s))
-                pending.setdefault(s, []).append(part)
-                got[s] = got.get(s, 0) + part.num_rows
-                if got[s] == expected[s]:
-                    f_rows, e_rows = _commit_shard(cfg, s, pending.pop(s), schema, metadata)
-                    counts["features_rows_new"] += f_rows
-                    counts["error_rows_new"] += e_rows
-                    log.info("[extract] shard %d committed: %d features, %d errors", s, f_rows,
-                             e_rows)
-                elif got[s] > expected[s]:
-                    raise RuntimeError(f"shard {s}: {got[s]} rows came back, expected "
-                                       f"{expected[s]} (duplicated blocks)")
+        writer = _ShardWriter(cfg, schema, metadata, e.commit_queue_shards)
+        ok = False
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                # blocks may arrive out of order; buffer per shard, commit a shard once complete
+                for s in pc.unique(batch["shard"]).to_pylist():
+                    part = batch.filter(pc.equal(batch["shard"], s))
+                    pending.setdefault(s, []).append(part)
+                    got[s] = got.get(s, 0) + part.num_rows
+                    if got[s] == expected[s]:
+                        writer.submit(s, pending.pop(s))
+                    elif got[s] > expected[s]:
+                        raise RuntimeError(f"shard {s}: {got[s]} rows came back, expected "
+                                           f"{expected[s]} (duplicated blocks)")
+            ok = True
+        finally:
+            if ok:
+                counts.update(writer.close())
+            else:  # the stream failed: stop writing, keep the stream's error
+                writer.failed.set()
+                writer.pool.shutdown(wait=True, cancel_futures=True)
+        counts["commit_stall_s"] = round(writer.stall_s, 2)
+        counts["commit_drain_s"] = round(writer.drain_s, 2)
         if pending:
             raise RuntimeError(f"shards {sorted(pending)} did not receive all their rows "
                                f"({ {s: got[s] for s in pending} } of "
@@ -696,7 +921,7 @@ def run(cfg: Config) -> dict:
         "embedding_dim": emb.dim,
         **faces,
         "device": device,
-        "actors": [e.min_actors, e.max_actors],
+        "actors": actors,
         **({"dlib_actors": [e.dlib_min_actors, e.dlib_max_actors]} if emb.separate_pool else {}),
         "seconds": round(seconds, 2),
         "images_per_s": round(sum(expected.values()) / seconds, 2) if expected else 0.0,

@@ -59,13 +59,19 @@ def cluster_cpus() -> float:
 
 def resolve_use_gpu(cfg: Config, wanted: str | bool | float) -> bool:
     """``"auto"`` → GPUs when the cluster has them; an explicit request without GPUs is an error
-    unless ``ray.allow_cpu_fallback`` is on (then a warning, and CPU)."""
+    unless ``ray.autoscaling`` is on (then GPUs are requested from the autoscaler) or
+    ``ray.allow_cpu_fallback`` is on (then a warning, and CPU)."""
     have = cluster_gpus() > 0
     if wanted in ("auto",):
         return have
     if wanted in ("false", False, 0, 0.0):
         return False
     if have:
+        return True
+    if cfg.ray.autoscaling:
+        # GPU nodes may scale from zero: the stage's resource check asks the autoscaler for them
+        # (pipeline.resources.ensure_fits) and fails after ray.resource_wait_s if none arrive
+        log.info("GPUs requested and none in the cluster yet; the autoscaler will be asked")
         return True
     if cfg.ray.allow_cpu_fallback:
         log.warning("GPUs requested but the cluster has none; running on CPU "

@@ -145,13 +145,15 @@ def _run(cfg: Config, *, fail_after_epoch: int | None = None) -> dict:
         pos = np.clip(train_prev, 1e-6, None)
         pos_weight = np.minimum((1 - train_prev) / pos, t.pos_weight_max).tolist()
 
-    fp = fingerprints(cfg)[STAGE]
+    world = _workers(cfg, use_gpu)  # before anything is written or removed
+    # the resolved device is part of the run's identity: "auto" may resolve differently on
+    # another cluster, and a CPU run's checkpoint (float32, no scaler) is not a GPU run's
+    fp = _run_fingerprint(fingerprints(cfg)[STAGE], use_gpu)
     name = f"run-{fp}"
     model_loc = tables.location(cfg, MODEL_DIR)
     runs_loc = tables.location(cfg, RUNS_DIR)
     resumed_from = _prepare_run_dir(cfg, model_loc, runs_loc, name, fp)
 
-    world = t.num_workers
     n_train = splits["train"].num_rows
     per_worker = n_train // world
     steps_per_epoch = max(1, math.ceil(per_worker / t.batch_size))
@@ -173,7 +175,8 @@ def _run(cfg: Config, *, fail_after_epoch: int | None = None) -> dict:
         "seed": cfg.run.seed, "steps_per_epoch": steps_per_epoch,
         "max_steps_per_epoch": t.max_steps_per_epoch, "drop_last": drop_last,
         "shuffle_buffer": t.shuffle_buffer_batches * t.batch_size,
-        "log_every": t.log_every_steps, "use_amp": use_gpu, "fail_after_epoch": fail_after_epoch,
+        "log_every": t.log_every_steps, "use_gpu": use_gpu, "fail_after_epoch": fail_after_epoch,
+        "prefetch_batches": t.prefetch_batches,
     }
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     run_config = RunConfig(
@@ -182,7 +185,10 @@ def _run(cfg: Config, *, fail_after_epoch: int | None = None) -> dict:
         checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints,
                                            checkpoint_score_attribute=SCORE,
                                            checkpoint_score_order="max"),
-        failure_config=FailureConfig(max_failures=t.max_failures),
+        # controller_failure_limit: a worker group that cannot start (Ray Train's 60 s start
+        # timeout) fails the run instead of being retried without end (Ray's default is -1)
+        failure_config=FailureConfig(max_failures=t.max_failures,
+                                     controller_failure_limit=t.max_failures),
     )
     trainer = TorchTrainer(
         _train_loop, train_loop_config=loop_config, datasets=datasets,
@@ -343,6 +349,40 @@ def adopt_model(cfg: Config) -> dict[str, Any]:
             "source_test_mean_accuracy": info.metrics.get("test_mean_accuracy")}
 
 
+def _run_fingerprint(stage_fp: str, use_gpu: bool) -> str:
+    """The run's name and model version: the stage's fingerprint plus the resolved device."""
+    return f"{stage_fp}-{'gpu' if use_gpu else 'cpu'}"
+
+
+def _workers(cfg: Config, use_gpu: bool) -> int:
+    """``train.num_workers`` resolved ("auto") and checked against the nodes (bounded wait).
+
+    The request is the workers plus one decode task: without a CPU left for decoding, training
+    would wait on Ray Data forever. "auto": on GPU, every worker bundle the nodes hold; on CPU,
+    one worker per node that holds one (on one node, DDP over its cores gains nothing over
+    torch's intra-op threads).
+    """
+    from pipeline import resources
+
+    t = cfg.train
+    worker = {"CPU": t.cpus_per_worker, "GPU": 1.0 if use_gpu else 0.0}
+    decode = {"CPU": t.decode_cpus}
+    world = t.num_workers
+    if world == "auto":
+        nodes = resources.node_totals()
+        if use_gpu:
+            world = resources.fit_count(worker, nodes, reserve=decode)
+        else:
+            world = sum(1 for n in nodes if resources.fit_count(worker, [n]) > 0)
+        world = max(1, world)  # none fits: the check below waits for one or says why not
+        log.info("[%s] train.num_workers = auto -> %d", STAGE, world)
+    resources.ensure_fits(
+        cfg, f"{STAGE}: {world} worker(s) + one decode task", [worker] * world + [decode],
+        "lower train.num_workers (or \"auto\"), train.cpus_per_worker or train.decode_cpus, "
+        "or add nodes")
+    return int(world)
+
+
 def _resolve_attributes(cfg: Config, schema: pa.Schema) -> list[str]:
     from pipeline.schemas import manifest_attributes
 
@@ -452,11 +492,19 @@ def _image_dataset(cfg: Config, rows: pa.Table, attributes: list[str], error_log
         fn_kwargs={"size": cfg.train.image_size, "attributes": attributes,
                    "storage_cfg": cfg.storage, "error_log": error_log,
                    "max_pixels": cfg.data.max_image_pixels,
-                   "max_bytes": cfg.data.max_image_bytes})
+                   "max_bytes": cfg.data.max_image_bytes,
+                   "decode_threads": _decode_threads(cfg.train.decode_cpus)})
+
+
+def _decode_threads(cpus: float) -> int:
+    """Decoding threads of a task that reserves ``cpus`` CPUs: as many as it reserved (>= 1), so
+    decode tasks do not take the cores Ray gave the training workers."""
+    return max(1, int(cpus + 1e-9))
 
 
 def _decode_batch(batch: pa.Table, *, size: int, attributes: list[str], storage_cfg,
-                  error_log, max_pixels: int, max_bytes: int) -> dict[str, np.ndarray]:
+                  error_log, max_pixels: int, max_bytes: int,
+                  decode_threads: int = 1) -> dict[str, np.ndarray]:
     """Manifest rows -> decoded images; unusable images go to the error log, not downstream."""
     import ray
 
@@ -470,18 +518,32 @@ def _decode_batch(batch: pa.Table, *, size: int, attributes: list[str], storage_
     labels = np.stack([batch[a].to_numpy(zero_copy_only=False) for a in attributes], axis=1) \
         .astype(np.float32)
 
-    def load(uri: str):
+    def read(uri: str):
         try:
-            return decode_image(read_limited(uri, storage_cfg, max_bytes), (size,),
-                                max_pixels=max_pixels)[0], None
+            return read_limited(uri, storage_cfg, max_bytes), None
         except Exception as exc:  # noqa: BLE001 -- any unreadable image becomes an error row
             return None, f"cannot read/decode image: {exc}"[:500]
 
-    # Reading is I/O bound (S3 round trips): overlap requests. Decoding happens in the same
-    # threads; PIL releases the GIL while decoding. Each image is refused over the size limits
-    # before its pixels are decoded, so 8 threads hold at most 8 x data.max_image_pixels x 3 B.
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        results = list(pool.map(load, uris))
+    def load(item):
+        data, err = item
+        if err is not None:
+            return None, err
+        try:
+            return decode_image(data, (size,), max_pixels=max_pixels)[0], None
+        except Exception as exc:  # noqa: BLE001 -- any undecodable image becomes an error row
+            return None, f"cannot read/decode image: {exc}"[:500]
+
+    # Reading is I/O bound (S3 round trips): 8 threads overlap requests. Decoding is CPU bound
+    # (PIL releases the GIL): only as many threads as the CPUs the task reserved. Reads go in
+    # windows of 8, so at most 8 files' bytes (each <= data.max_image_bytes) are held at once,
+    # and each image is refused over the size limits before its pixels are decoded.
+    results: list = []
+    with ThreadPoolExecutor(max_workers=8) as readers, \
+            ThreadPoolExecutor(max_workers=decode_threads) as decoders:
+        for start in range(0, len(uris), 8):
+            raw = list(readers.map(read, uris[start:start + 8]))
+            results += list(decoders.map(load, raw))
+            del raw
     keep = [i for i, (img, _) in enumerate(results) if img is not None]
     bad = [{"image_id": ids[i], "uri": uris[i], "reason": results[i][1]}
            for i in range(len(ids)) if results[i][0] is None]
@@ -517,21 +579,25 @@ class _Predictor:
 
         from pipeline.models import AttributeNet
 
+        if use_gpu:
+            from pipeline.resources import check_cuda
+
+            check_cuda("train_attributes predictor")
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.model = AttributeNet(n_attributes, arch=arch)
         self.model.load_state_dict(ray.get(state_ref[0]))
-        self.model.to(self.device).eval()
+        self.model.to(self.device, memory_format=torch.channels_last).eval()
+        self.normalize = _Normalize(self.device)
+        self.amp_dtype, _ = _amp_policy(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from pipeline.models import normalize_images
-
-        x = torch.from_numpy(np.array(batch["image"], dtype=np.uint8)).to(self.device)
-        x = normalize_images(x.permute(0, 3, 1, 2))
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16,
-                                                    enabled=self.device.type == "cuda"):
-            probs = torch.sigmoid(self.model(x).float()).cpu().numpy()
+        x = torch.from_numpy(np.array(batch["image"], dtype=np.uint8))
+        x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # channels_last view
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.amp_dtype,
+                                                    enabled=self.amp_dtype is not None):
+            probs = torch.sigmoid(self.model(self.normalize(x)).float()).cpu().numpy()
         return {"image_id": batch["image_id"], "labels": batch["labels"], "probs": probs}
 
 
@@ -611,11 +677,13 @@ def _test_metrics(attributes: list[str], y: np.ndarray, p: np.ndarray,
 # --------------------------------------------------------------------------------------------
 
 class _Collate(NumpyBatchCollateFn):
-    """numpy batch -> {"image": uint8 NCHW, "labels": float32} tensors, augmented when training.
+    """numpy batch -> {"image": uint8 NCHW (a channels_last view), "labels": float32} tensors,
+    plus, when training, the batch's augmentation parameters ("flip", "shift").
 
     Runs on the training worker's CPU (Ray's prefetch threads), where the epoch is known, so the
     random flip and shift change every epoch. The generator is seeded from run.seed, the epoch and
-    the batch's first image id (not a counter: prefetch threads may collate out of order).
+    the batch's first image id (not a counter: prefetch threads may collate out of order). Only
+    the parameters are drawn here; the pixels move on the device (:func:`_augment_on_device`).
     """
 
     def __init__(self, seed: int, augment: bool):
@@ -625,26 +693,92 @@ class _Collate(NumpyBatchCollateFn):
         import torch
 
         images = np.array(batch["image"], dtype=np.uint8)  # a writable copy for torch
+        # no .contiguous(): the permuted NHWC memory is channels_last, what the model runs in
+        out = {"image": torch.from_numpy(images).permute(0, 3, 1, 2),
+               "labels": torch.from_numpy(np.asarray(batch["labels"], dtype=np.float32))}
         if self.augment and len(images):
             rng = np.random.default_rng(derive_seed(self.seed, STAGE, "augment", self.epoch,
                                                     str(batch["image_id"][0])))
-            images = _augment(images, rng)
-        return {"image": torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
-                "labels": torch.from_numpy(np.asarray(batch["labels"], dtype=np.float32))}
+            flip, shift = _augment_params(len(images), images.shape[1], rng)
+            out["flip"], out["shift"] = torch.from_numpy(flip), torch.from_numpy(shift)
+        return out
+
+
+def _augment_params(n: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Per image: a horizontal flip (p=0.5) and a (dy, dx) shift of up to 1/16 of the size."""
+    flip = rng.random(n) < 0.5
+    pad = max(1, size // 16)
+    shift = rng.integers(0, 2 * pad + 1, size=(2, n)) - pad  # (dy, dx) in [-pad, pad]
+    return flip, shift
+
+
+def _augment_on_device(x, flip, shift):
+    """Flip and shift a uint8 NCHW batch where it lies (GPU or CPU), edge pixels repeated.
+
+    Output pixel (y, x) of image i is input (clamp(y + dy_i), clamp(x + dx_i)), read mirrored
+    when flipped: two gathers, no Python loop, the layout (channels_last) kept.
+    """
+    import torch
+
+    n, c, h, w = x.shape
+    dev = x.device
+    shift = shift.to(dev, non_blocking=True)
+    flip = flip.to(dev, non_blocking=True)
+    ys = (torch.arange(h, device=dev)[None, :] + shift[0][:, None]).clamp_(0, h - 1)
+    xs = (torch.arange(w, device=dev)[None, :] + shift[1][:, None]).clamp_(0, w - 1)
+    xs = torch.where(flip[:, None], w - 1 - xs, xs)
+    out = torch.gather(x, 2, ys[:, None, :, None].expand(n, c, h, w))
+    return torch.gather(out, 3, xs[:, None, None, :].expand(n, c, h, w))
 
 
 def _augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Random horizontal flip (p=0.5) and a shift of up to 1/16 of the size (edge padded)."""
-    n, h, w, _ = images.shape
-    out = images.copy()
-    flip = rng.random(n) < 0.5
-    out[flip] = out[flip, :, ::-1]
-    pad = max(1, h // 16)
-    padded = np.pad(out, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
-    dy, dx = rng.integers(0, 2 * pad + 1, size=(2, n))
-    for i in range(n):
-        out[i] = padded[i, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
-    return out
+    """NHWC numpy form of the training augmentation (same parameters and pixels)."""
+    import torch
+
+    flip, shift = _augment_params(len(images), images.shape[1], rng)
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    return _augment_on_device(x, torch.from_numpy(flip), torch.from_numpy(shift)) \
+        .permute(0, 2, 3, 1).numpy()
+
+
+class _Normalize:
+    """uint8 NCHW -> normalised float, as (x/255 - mean)/std in one multiply-add; the constants
+    live on the device, built once (not two blocking host-to-device copies per batch)."""
+
+    def __init__(self, device, mean=None, std=None):
+        import torch
+
+        from pipeline.models import IMAGENET_MEAN, IMAGENET_STD
+
+        m = torch.tensor(mean or IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+        s = torch.tensor(std or IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
+        self.scale = (1.0 / (255.0 * s)).to(device)
+        self.shift = (-m / s).to(device)
+
+    def __call__(self, x):
+        import torch
+
+        return torch.addcmul(self.shift, x.float(), self.scale)
+
+
+def _amp_policy(device) -> tuple[Any, bool]:
+    """(autocast dtype or None, use a GradScaler): bf16 without a scaler on GPUs that have it
+    (Ampere and later), fp16 with a scaler on older GPUs, float32 on CPU."""
+    import torch
+
+    if device.type != "cuda":
+        return None, False
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16, False
+    return torch.float16, True
+
+
+def _restore_scaler(scaler, state: dict) -> None:
+    """Load a checkpoint's GradScaler state unless it has none (saved by a disabled scaler: a
+    bf16 or CPU run); ``load_state_dict({})`` raises on an enabled scaler."""
+    saved = state.get("scaler") or {}
+    if saved and scaler.is_enabled():
+        scaler.load_state_dict(saved)
 
 
 def _lr_factor(step: int, total: int, schedule: str) -> float:
@@ -678,10 +812,14 @@ def _train_loop(c: dict) -> None:
     from torch import nn
 
     from pipeline.config import StorageConfig
-    from pipeline.models import build_attribute_model, normalize_images
+    from pipeline.models import build_attribute_model
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if c["use_gpu"]:  # before anything touches CUDA: a driver / build mismatch, one message
+        from pipeline.resources import check_cuda
+
+        check_cuda(f"train_attributes worker {rank}")
     device = ray.train.torch.get_device()
     n_attr = len(c["attributes"])
     torch.manual_seed(derive_seed(c["seed"], STAGE, "init"))
@@ -693,17 +831,21 @@ def _train_loop(c: dict) -> None:
     if checkpoint is not None:  # a restarted run (same storage path + name): pick up from it
         state = _load_checkpoint(checkpoint)
         model.load_state_dict(state["model"])
+    # channels_last: the batches arrive in that layout (NHWC memory seen as NCHW); cuDNN and
+    # oneDNN run convolutions faster in it
+    model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)  # to device; DDP when world > 1
     total_steps = c["epochs"] * c["steps_per_epoch"]
     opt = torch.optim.AdamW(model.parameters(), lr=c["lr"], weight_decay=c["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: _lr_factor(s, total_steps, c["schedule"]))
-    scaler = torch.amp.GradScaler("cuda", enabled=c["use_amp"])
+    amp_dtype, use_scaler = _amp_policy(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     start_epoch, step, history = 1, 0, []
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        _restore_scaler(scaler, state)
         start_epoch, step, history = state["epoch"] + 1, state["step"], list(state["history"])
         if rank == 0:
             log.info("[%s] resuming from the checkpoint of epoch %d", STAGE, state["epoch"])
@@ -712,7 +854,9 @@ def _train_loop(c: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     train_collate, val_collate = _Collate(c["seed"], c["augment"]), _Collate(c["seed"], False)
-    amp = dict(device_type=device.type, dtype=torch.float16, enabled=c["use_amp"])
+    amp = dict(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    normalize = _Normalize(device)
+    feed = dict(prefetch_batches=c["prefetch_batches"], pin_memory=device.type == "cuda")
 
     for epoch in range(start_epoch, c["epochs"] + 1):
         if c["fail_after_epoch"] is not None and epoch > c["fail_after_epoch"]:
@@ -720,12 +864,18 @@ def _train_loop(c: dict) -> None:
         t0, cpu0 = time.time(), time.process_time()
         train_collate.epoch = epoch
         model.train()
-        loss_sum, seen, epoch_steps, t_log, seen_log = 0.0, 0, 0, time.time(), 0
+        # the loss is summed on the device: no host sync per step (only every log_every steps)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        seen, epoch_steps, t_log, seen_log = 0, 0, time.time(), 0
         for batch in train_shard.iter_torch_batches(
                 batch_size=c["batch_size"], collate_fn=train_collate, drop_last=c["drop_last"],
                 local_shuffle_buffer_size=c["shuffle_buffer"] or None,
-                local_shuffle_seed=derive_seed(c["seed"], STAGE, "shuffle", epoch, rank)):
-            x, y = normalize_images(batch["image"]), batch["labels"]
+                local_shuffle_seed=derive_seed(c["seed"], STAGE, "shuffle", epoch, rank),
+                **feed):
+            x, y = batch["image"], batch["labels"]
+            if "flip" in batch:
+                x = _augment_on_device(x, batch["flip"], batch["shift"])
+            x = normalize(x).contiguous(memory_format=torch.channels_last)  # no-op when it is
             with torch.autocast(**amp):
                 logits = model(x)
             loss = loss_fn(logits.float(), y)
@@ -736,7 +886,7 @@ def _train_loop(c: dict) -> None:
             sched.step()
             step += 1
             epoch_steps += 1
-            loss_sum += float(loss.detach()) * len(y)
+            loss_sum += loss.detach().double() * len(y)
             seen += len(y)
             if rank == 0 and epoch_steps % c["log_every"] == 0:
                 now = time.time()
@@ -746,6 +896,7 @@ def _train_loop(c: dict) -> None:
                 t_log, seen_log = now, seen
             if c["max_steps_per_epoch"] and epoch_steps >= c["max_steps_per_epoch"]:
                 break
+        loss_sum = float(loss_sum)  # the epoch's one sync: queued GPU work is done before timing
         train_time = time.time() - t0
         if seen == 0:
             raise RuntimeError(f"epoch {epoch}: no training image could be decoded on worker "
@@ -753,16 +904,19 @@ def _train_loop(c: dict) -> None:
 
         # validation: sums over every worker's shard, so all ranks report the same numbers
         model.eval()
-        v_loss, v_n, v_correct = 0.0, 0, np.zeros(n_attr)
+        v_loss = torch.zeros((), dtype=torch.float64, device=device)
+        v_correct = torch.zeros(n_attr, dtype=torch.float64, device=device)
+        v_n = 0
         with torch.no_grad():
             for batch in val_shard.iter_torch_batches(batch_size=c["batch_size"],
-                                                      collate_fn=val_collate):
-                x, y = normalize_images(batch["image"]), batch["labels"]
+                                                      collate_fn=val_collate, **feed):
+                x, y = normalize(batch["image"]), batch["labels"]
                 with torch.autocast(**amp):
-                    logits = model(x).float()
-                v_loss += float(loss_fn(logits, y)) * len(y)
+                    logits = model(x.contiguous(memory_format=torch.channels_last)).float()
+                v_loss += loss_fn(logits, y).double() * len(y)
                 v_n += len(y)
-                v_correct += ((logits >= 0) == (y >= 0.5)).sum(0).cpu().numpy()
+                v_correct += ((logits >= 0) == (y >= 0.5)).sum(0).double()
+        v_loss, v_correct = float(v_loss), v_correct.cpu().numpy()
         sums = _all_sum([loss_sum, seen, train_time, v_loss, v_n, *v_correct], device)
         loss_sum, seen_all, _, v_loss, v_n = sums[:5]
         v_correct = np.array(sums[5:])

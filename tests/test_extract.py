@@ -253,5 +253,99 @@ def test_clear_errors_for_missing_inputs(tmp_path, ray_session):
         with pytest.raises(WeightsError, match="facenet-pytorch"):
             extract.run(face)
     hog = small_cfg(tmp_path, "extract.cpus_per_actor=2")
-    with pytest.raises(ValueError, match="needs 2.5 CPUs"):
+    from pipeline.resources import ResourceError
+
+    with pytest.raises(ResourceError, match=r"1 x \{CPU: 2\} \+ 1 x \{CPU: 0.5\}.*nodes hold "
+                                            r"\{CPU: 2, GPU: 0\}"):
         extract.run(hog)
+
+
+def test_pixel_rows_is_a_view_of_the_arrow_buffer_and_skips_error_rows():
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
+    col = pa.array([imgs[0].tobytes(), None, imgs[2].tobytes(), imgs[3].tobytes(), None],
+                   pa.binary())
+    rows = extract.pixel_rows(col, 4)
+    assert np.array_equal(rows, imgs[[0, 2, 3]])
+    # zero copy: the array's memory is the Arrow value buffer itself
+    assert rows.ctypes.data == col.buffers()[2].address
+    # a slice (non-zero offset) and several chunks (Ray Data batches may have them)
+    assert np.array_equal(extract.pixel_rows(col.slice(2), 4), imgs[[2, 3]])
+    chunked = pa.chunked_array([col.slice(0, 2), col.slice(2)])
+    assert np.array_equal(extract.pixel_rows(chunked, 4), imgs[[0, 2, 3]])
+    assert extract.pixel_rows(pa.array([None], pa.binary()), 4).shape == (0, 4, 4, 3)
+    with pytest.raises(ValueError, match="pixel row 1 has 3 bytes, expected 48"):
+        extract.pixel_rows(pa.array([imgs[0].tobytes(), b"abc"], pa.binary()), 4)
+
+
+def test_actor_inputs_match_the_reference_normalisation(tmp_path):
+    """The actor's zero-copy chain gives the same tensors as (x / 255 - mean) / std."""
+    cfg = small_cfg(tmp_path, "extract.embedding=attribute_backbone")
+    export_random_attribute_model(cfg)
+    inf = extract._Infer(cfg, use_gpu=False, threads=1)
+    rng = np.random.default_rng(1)
+    imgs = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    batch = pa.table({"image_id": ["a", "b", "c"], "uri": ["a", "b", "c"],
+                      "shard": pa.array([0, 0, 0], pa.int32()),
+                      "error": pa.array([None, "bad", None], pa.string()),
+                      "px32": pa.array([imgs[0].tobytes(), None, imgs[2].tobytes()])})
+    xa, _ = inf.inputs(batch, np.array([0, 2]))
+    m = torch.tensor(inf.info.mean).view(1, 3, 1, 1)
+    s = torch.tensor(inf.info.std).view(1, 3, 1, 1)
+    ref = (torch.from_numpy(imgs[[0, 2]]).permute(0, 3, 1, 2).float() / 255 - m) / s
+    assert torch.allclose(xa, ref, atol=1e-5)
+    assert xa.is_contiguous(memory_format=torch.channels_last)
+    # the GPU path's staging buffer (pinned there, ordinary here): one per thread, reused, grown
+    rows = extract.pixel_rows(batch["px32"], 32)
+    first = inf._staged("attr", rows)
+    assert np.array_equal(first.numpy(), rows)
+    assert inf._staged("attr", rows[:1]).data_ptr() == first.data_ptr()
+    assert np.array_equal(inf._staged("attr", np.concatenate([rows] * 3)).numpy()[4:],
+                          rows)
+    out = inf(batch)
+    assert out["p_Male"].null_count == 1 and out["embedding"].null_count == 1
+    assert out["p_Male"][1].as_py() is None and out["p_Male"][0].as_py() is not None
+
+
+def test_host_chain_benchmark_runs_and_both_chains_agree():
+    """`python -m jobs.benchmark extract_host` at tiny sizes: it checks the old and new chains
+    give the same pixels and outputs before timing them."""
+    from pipeline.benchmarks import extract_host
+
+    res = extract_host.run(tiny_config(Path("/nonexistent")), batch=8, size=16, attr_size=8,
+                           errors=2, dim=4, attributes=3, seconds=0.01)
+    assert res["batch"] == 8 and res["sizes_px"] == [8, 16]
+    assert res["now_images_per_s"] > 0 and res["before_images_per_s"] > 0
+
+
+def test_shard_writer_runs_off_the_stream_bounded_and_stops_after_a_failure(monkeypatch):
+    import time
+
+    written = []
+
+    def slow_commit(cfg, shard, parts, schema, metadata):
+        time.sleep(0.2)
+        if shard == 3:
+            raise OSError("S3 said no")
+        written.append(shard)
+        return sum(p.num_rows for p in parts), 0
+
+    monkeypatch.setattr(extract, "_commit_shard", slow_commit)
+    part = pa.table({"x": [1, 2]})
+    w = extract._ShardWriter(None, None, {}, max_pending=2)
+    t0 = time.perf_counter()
+    w.submit(0, [part])
+    w.submit(1, [part])
+    assert time.perf_counter() - t0 < 0.15  # queued, not written inline
+    w.submit(2, [part])  # the queue is full: waits for shard 0
+    assert 0.15 < time.perf_counter() - t0 and w.stall_s > 0.1
+    assert w.close() == {"features_rows_new": 6, "error_rows_new": 0}
+    assert written == [0, 1, 2]
+
+    written.clear()
+    w = extract._ShardWriter(None, None, {}, max_pending=4)
+    for s in (3, 4, 5):
+        w.submit(s, [part])
+    with pytest.raises(OSError, match="S3 said no"):
+        w.close()
+    assert written == []  # nothing after the failed shard is written

@@ -285,3 +285,33 @@ def test_scripts_are_valid_bash_and_executable(script):
     # `ray stop` would kill every Ray process of the user on this machine; never in these scripts.
     code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
     assert not re.search(r"\bray\"? stop\b|\"\$RAY\" stop", code)
+
+
+def test_torch_cuda_variant_is_one_build_argument_matching_the_pip_env():
+    """The Dockerfile picks torch's CUDA build from TORCH_VARIANT (default documented with its
+    minimum driver); the pip runtime env names the same variant; both are known variants."""
+    from pipeline.resources import MIN_DRIVER
+
+    steps = _instructions((INFRA / "Dockerfile").read_text())
+    args = {rest.split("=", 1)[0]: rest.split("=", 1)[1].strip('"') for op, rest in steps
+            if op == "ARG" and "=" in rest}
+    variant = args["TORCH_VARIANT"]
+    runs = " && ".join(rest for op, rest in steps if op == "RUN")
+    assert "download.pytorch.org/whl/${TORCH_VARIANT}" in runs
+    assert "torch.version.cuda" in runs, "the build checks the installed variant"
+    opts = _yaml("runtime_env_pip.yaml")["pip"]["pip_install_options"]
+    assert opts[opts.index("--extra-index-url") + 1].rsplit("/", 1)[1] == variant
+    assert variant == "cpu" or variant[2:4] in MIN_DRIVER  # cu130 -> CUDA 13
+    readme = (REPO / "README.md").read_text()
+    for v, driver in (("cu130", MIN_DRIVER["13"]), ("cu128", MIN_DRIVER["12"])):
+        assert re.search(rf"{v}.*{re.escape(driver)}", readme), f"README: driver for {v}"
+
+
+def test_dockerfile_workdir_is_made_by_the_image_user():
+    """WORKDIR creating the directory makes it root-owned on the legacy builder; `ray` then
+    cannot write there. A RUN mkdir (as `ray`) must come first."""
+    steps = _instructions((INFRA / "Dockerfile").read_text())
+    workdir = next(i for i, (op, _) in enumerate(steps) if op == "WORKDIR")
+    path = steps[workdir][1]
+    assert any(op == "RUN" and f"mkdir -p {path}" in rest for op, rest in steps[:workdir])
+    assert not any(op == "USER" and rest == "root" for op, rest in steps)

@@ -154,6 +154,21 @@ def test_gpu_requested_without_gpu_is_refused(tmp_path, ray_session):
     _assert_no_work(cfg)
 
 
+def test_more_workers_than_the_nodes_hold_fails_fast_naming_both(tmp_path, ray_session):
+    """issue 21's reproduction: 4 workers on a 2-CPU Ray used to retry forever."""
+    import time
+
+    from pipeline.resources import ResourceError
+
+    cfg = tiny_config(tmp_path, "train.num_workers=4", "train.cpus_per_worker=1")
+    write_tiny_manifest(cfg, 10)
+    t0 = time.monotonic()
+    with pytest.raises(ResourceError, match=r"4 x \{CPU: 1\}.*nodes hold \{CPU: 2, GPU: 0\}"):
+        train.run(cfg)
+    assert time.monotonic() - t0 < 60
+    _assert_no_work(cfg)
+
+
 # ---------------------------------------------------------------- helpers on fixed arrays
 
 def test_metrics_against_hand_computed_values():
@@ -185,3 +200,67 @@ def test_augmentation_is_seeded_and_keeps_shape():
     b = train._augment(imgs, np.random.default_rng(1))
     assert a.shape == imgs.shape and a.dtype == np.uint8 and np.array_equal(a, b)
     assert not np.array_equal(a, imgs)
+
+
+def _reference_augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The CPU augmentation the stage had before it moved to the device (issue 21)."""
+    n, h, w, _ = images.shape
+    out = images.copy()
+    flip = rng.random(n) < 0.5
+    out[flip] = out[flip, :, ::-1]
+    pad = max(1, h // 16)
+    padded = np.pad(out, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
+    dy, dx = rng.integers(0, 2 * pad + 1, size=(2, n))
+    for i in range(n):
+        out[i] = padded[i, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
+    return out
+
+
+def test_device_augmentation_equals_the_cpu_reference_pixel_for_pixel():
+    imgs = np.random.default_rng(0).integers(0, 255, (16, 32, 32, 3), dtype=np.uint8)
+    for seed in range(3):
+        ref = _reference_augment(imgs, np.random.default_rng(seed))
+        assert np.array_equal(train._augment(imgs, np.random.default_rng(seed)), ref)
+    # on a channels_last uint8 NCHW batch, as the training loop has it, the layout is kept
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2)
+    flip, shift = train._augment_params(16, 32, np.random.default_rng(0))
+    out = train._augment_on_device(x, torch.from_numpy(flip), torch.from_numpy(shift))
+    assert out.dtype == torch.uint8 and out.shape == x.shape
+
+
+def test_cached_normalisation_and_precision_policy_on_cpu():
+    from pipeline.models import normalize_images
+
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (2, 8, 8, 3),
+                                                           dtype=np.uint8)).permute(0, 3, 1, 2)
+    norm = train._Normalize(torch.device("cpu"))
+    assert torch.allclose(norm(x), normalize_images(x), atol=1e-5)
+    assert norm(x).is_contiguous(memory_format=torch.channels_last)
+    assert train._amp_policy(torch.device("cpu")) == (None, False)
+
+
+def test_gpu_resume_of_a_checkpoint_without_scaler_state():
+    """A CPU or bf16 run saves an empty scaler state; an fp16 run resuming it must not raise."""
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    with pytest.raises(RuntimeError, match="empty"):
+        scaler.load_state_dict({})  # what the stage did before
+    train._restore_scaler(scaler, {"scaler": {}})
+    donor = torch.amp.GradScaler("cpu", enabled=True, init_scale=8.0)
+    train._restore_scaler(scaler, {"scaler": donor.state_dict()})
+    assert scaler.get_scale() == 8.0
+
+
+def test_device_is_part_of_the_run_identity_and_decode_threads_match_cpus():
+    assert train._run_fingerprint("abc", True) != train._run_fingerprint("abc", False)
+    assert [train._decode_threads(c) for c in (0.25, 1.0, 2.5, 4.0)] == [1, 1, 2, 4]
+
+
+def test_benchmark_baseline_runs_on_the_device_it_is_given(tmp_path):
+    from pipeline.benchmarks import train as bench
+
+    cfg = tiny_config(tmp_path, "train.batch_size=4")
+    m = write_tiny_manifest(cfg, 8)
+    res = bench._baseline(cfg, m, ["Male", "Smiling"], steps=1, device=torch.device("cpu"))
+    assert res["device"] == "cpu" and res["images_per_s"] > 0
+    with pytest.raises((RuntimeError, AssertionError, ValueError)):
+        bench._baseline(cfg, m, ["Male"], steps=1, device=torch.device("meta"))

@@ -30,35 +30,39 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: Config, steps: int = 20, eval_rows: int = 64) -> dict:
-    from pipeline.ray_runtime import ensure_ray
+    import torch
+
+    from pipeline.ray_runtime import ensure_ray, resolve_use_gpu
 
     manifest = tables.read(cfg, "manifest")
     attributes = train._resolve_attributes(cfg, manifest.schema)
     splits, _ = train._split_rows(manifest, attributes)
-    need = steps * cfg.train.batch_size * cfg.train.num_workers
+    ensure_ray(cfg)
+    use_gpu = resolve_use_gpu(cfg, cfg.train.use_gpu)
+    world = train._workers(cfg, use_gpu)  # "auto" resolved as the stage resolves it
+    need = steps * cfg.train.batch_size * world
     if splits["train"].num_rows < need:
         raise ValueError(f"the benchmark needs {need} train images ({steps} steps x batch "
-                         f"{cfg.train.batch_size} x {cfg.train.num_workers} worker(s)); the "
+                         f"{cfg.train.batch_size} x {world} worker(s)); the "
                          f"manifest has {splits['train'].num_rows}: lower --steps")
-    ensure_ray(cfg)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         stage = _stage(cfg, manifest, steps, eval_rows, tmp)
-    import torch
-
-    base = _baseline(cfg, splits["train"], attributes, steps)
+    # the baseline runs where the stage's workers run (a CPU baseline says nothing on a GPU node)
+    device = torch.device("cuda" if use_gpu else "cpu")
+    base = _baseline(cfg, splits["train"], attributes, steps, device)
     ratio = stage["images_per_s"] / base["images_per_s"]
     # A second baseline with as many torch threads as the stage's training workers hold CPUs:
     # the stage reserves the rest of the machine for Ray Data decoding, so this one compares
     # the same compute budget (the first compares the same machine).
     all_threads = torch.get_num_threads()
-    same = max(1, int(cfg.train.num_workers * cfg.train.cpus_per_worker))
+    same = max(1, int(world * cfg.train.cpus_per_worker))
     torch.set_num_threads(same)
     try:
-        base_same = _baseline(cfg, splits["train"], attributes, steps)
+        base_same = _baseline(cfg, splits["train"], attributes, steps, device)
     finally:
         torch.set_num_threads(all_threads)
     ratio_same = stage["images_per_s"] / base_same["images_per_s"]
-    print(f"train: stage {stage['images_per_s']:.1f} img/s ({cfg.train.num_workers} Ray Train "
+    print(f"train: stage {stage['images_per_s']:.1f} img/s ({world} Ray Train "
           f"worker(s), {cfg.train.cpus_per_worker:g} CPU each) vs plain DataLoader loop "
           f"{base['images_per_s']:.1f} img/s ({base['torch_threads']} torch threads): "
           f"ratio {ratio:.2f}; vs the loop on {same} thread(s) {base_same['images_per_s']:.1f} "
@@ -88,8 +92,10 @@ def _stage(cfg: Config, manifest: pa.Table, steps: int, eval_rows: int, tmp: str
             "num_workers": result["num_workers"], "use_gpu": result["use_gpu"]}
 
 
-def _baseline(cfg: Config, rows: pa.Table, attributes: list[str], steps: int) -> dict:
-    """The same work in one process: Dataset over the files, DataLoader(num_workers=0)."""
+def _baseline(cfg: Config, rows: pa.Table, attributes: list[str], steps: int,
+              device=None) -> dict:
+    """The same work in one process: Dataset over the files, DataLoader(num_workers=0), the
+    model on ``device`` (the stage's) with the stage's precision policy."""
     import torch
     from torch import nn
     from torch.utils.data import DataLoader, Dataset
@@ -114,7 +120,11 @@ def _baseline(cfg: Config, rows: pa.Table, attributes: list[str], steps: int) ->
     loader = DataLoader(Files(), batch_size=t.batch_size, shuffle=True, num_workers=0,
                         drop_last=True, generator=gen)
     torch.manual_seed(derive_seed(cfg.run.seed, train.STAGE, "init"))
-    model = build_attribute_model(len(attributes), t.pretrained, cfg.storage)
+    device = device or torch.device("cpu")
+    model = build_attribute_model(len(attributes), t.pretrained, cfg.storage) \
+        .to(device, memory_format=torch.channels_last)
+    amp_dtype, use_scaler = train._amp_policy(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     loss_fn = nn.BCEWithLogitsLoss()
     rng = np.random.default_rng(derive_seed(cfg.run.seed, "benchmark", "augment"))
@@ -125,14 +135,18 @@ def _baseline(cfg: Config, rows: pa.Table, attributes: list[str], steps: int) ->
         arr = images.numpy()
         if t.augment:
             arr = train._augment(arr, rng)
-        x = normalize_images(torch.from_numpy(arr).permute(0, 3, 1, 2))
-        loss = loss_fn(model(x), y)
+        x = normalize_images(torch.from_numpy(arr).to(device).permute(0, 3, 1, 2))
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(x)
+        loss = loss_fn(logits.float(), y.to(device))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         seen += len(y)
         if i + 1 >= steps:
             break
+    float(loss.detach())  # wait for the device's queued work before stopping the clock
     seconds = time.time() - t0
     return {"images_per_s": round(seen / seconds, 2), "seconds": round(seconds, 2),
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "device": device.type}
