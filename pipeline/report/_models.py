@@ -46,8 +46,8 @@ def _networks(ctx: Context, meta: dict[str, str]) -> list[str]:
         "origin": meta.get("faceaudit.embedding_origin", "not recorded (features written "
                                                            "before origins were recorded)"),
     }]
-    hashes = {k.rsplit(".", 1)[0].split("faceaudit.embedding_sha256.", 1)[-1]: v
-              for k, v in meta.items() if k.startswith("faceaudit.embedding_sha256.")}
+    prefix = "faceaudit.embedding_sha256."
+    hashes = {k[len(prefix):]: v for k, v in meta.items() if k.startswith(prefix)}
     out = [table_html(pd.DataFrame(rows))]
     if hashes:
         out.append("<p>Embedding weight files (sha256): " + ", ".join(
