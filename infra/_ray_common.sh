@@ -44,6 +44,12 @@ check_private() {
   (( (8#$mode & 8#077) == 0 )) || die "$path has mode $mode: it must be private to you (chmod 700 for a directory, 600 for a file) or removed"
 }
 
+# Ray puts unix sockets at DIR/ray/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store.1,
+# and a socket path may not exceed 107 bytes: DIR gets at most 107 - 40 - 7 - 23 = 37 of them.
+check_socket_room() {
+  (( ${#1} <= 37 )) || die "$1 is ${#1} characters long: Ray's unix sockets under it would exceed 107 bytes; pass a --dir of at most 37 characters (e.g. /tmp/fa-ray-$(id -u))"
+}
+
 # private_dir DIR: create DIR with mode 700 (its parents as needed), or check an existing one.
 # mkdir without -p on DIR itself fails if someone created it in between; the check then refuses it.
 private_dir() {

@@ -42,8 +42,9 @@ done
 
 case "$cmd" in
   start)
+    DIR="$(realpath -ms -- "$DIR")"   # absolute, symlinks kept (private_dir refuses them)
+    check_socket_room "$DIR"
     private_dir "$DIR"
-    DIR="$(cd "$DIR" && pwd)"
     for f in head.pid auth_token env.sh; do
       if [[ -e "$DIR/$f" || -L "$DIR/$f" ]]; then check_private "$DIR/$f" file; fi
     done

@@ -41,8 +41,9 @@ case "$cmd" in
     check_private "$HEAD_DIR/env.sh" file
     if [[ -e "$HEAD_DIR/head.pid" || -L "$HEAD_DIR/head.pid" ]]; then check_private "$HEAD_DIR/head.pid" file; fi
     node_alive "$HEAD_DIR/head.pid" || die "the head in $HEAD_DIR is not running"
+    DIR="$(realpath -ms -- "$DIR")"   # absolute, symlinks kept (private_dir refuses them)
+    check_socket_room "$DIR"
     private_dir "$DIR"
-    DIR="$(cd "$DIR" && pwd)"
     if [[ -e "$DIR/worker.pid" || -L "$DIR/worker.pid" ]]; then check_private "$DIR/worker.pid" file; fi
     if node_alive "$DIR/worker.pid"; then
       die "a worker node is already running from $DIR; run: $0 stop --dir $DIR"

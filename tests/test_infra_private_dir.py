@@ -11,12 +11,22 @@ tests/test_ray_cluster.py.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
 INFRA = Path(__file__).resolve().parents[1] / "infra"
+
+
+@pytest.fixture
+def tmp_path():
+    """A short temporary folder: the scripts refuse a --dir over 37 characters (Ray's sockets)."""
+    d = Path(tempfile.mkdtemp(prefix="fa", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def _run(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -149,3 +159,12 @@ def test_env_file_prints_a_checked_path(tmp_path):
     os.chmod(d / "env.sh", 0o640)
     out = _run("local_head.sh", "env-file", "--dir", str(d))
     assert out.returncode == 1 and out.stdout == ""
+
+
+def test_a_directory_too_long_for_rays_sockets_is_refused_before_anything_starts(tmp_path):
+    d = tmp_path / ("x" * 40)
+    out = _run("local_head.sh", "start", "--dir", str(d))
+    assert out.returncode == 1 and "Ray's unix sockets under it would exceed 107 bytes" in out.stderr
+    assert not d.exists()
+    out = _run("local_worker.sh", "start", "--head-dir", "/nonexistent", "--dir", str(d))
+    assert out.returncode == 1

@@ -42,6 +42,7 @@ TINY = {
                 "map_rows": 100},
     "classify": {"bootstrap": 20, "per_cluster": False},
     "explain": {"max_rows": 50, "background_rows": 20, "block_rows": 25},
+    "report": {"faces_per_cluster": 4, "mean_face_images": 20, "dpi": 50},
 }
 N_IMAGES = 60
 
@@ -149,7 +150,7 @@ def test_readme_shell_blocks_run_as_written(s3_server, tmp_path):
         assert any(old in c for c in s3_blocks), f"the README's S3 block no longer has {old!r}"
     # A short private XDG_RUNTIME_DIR (Ray's socket paths under it must stay < ~107 characters):
     # the head's default directory, as on a desktop session, apart from any other head here.
-    xdg = tempfile.mkdtemp(prefix="fa-rs-", dir="/tmp")
+    xdg = tempfile.mkdtemp(prefix="fa", dir="/tmp")  # 15 characters, like /run/user/1000
     env = {"HOME": os.environ.get("HOME", str(tmp_path)), "USER": os.environ.get("USER", ""),
            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
            "LANG": "C.UTF-8", "XDG_RUNTIME_DIR": xdg, "AWS_EC2_METADATA_DISABLED": "true"}
