@@ -19,8 +19,12 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
+# Written beside and moved into place: an interrupted `make demo` never leaves a half sample
+# that the next one would take for complete.
 $(SAMPLE_DIR)/list_attr_celeba.txt: | $(VENV)/.installed
-	$(BIN)/python -m jobs.make_sample --out $(SAMPLE_DIR) --n $(SAMPLE_N) --seed $(SAMPLE_SEED)
+	rm -rf $(SAMPLE_DIR).tmp
+	$(BIN)/python -m jobs.make_sample --out $(SAMPLE_DIR).tmp --n $(SAMPLE_N) --seed $(SAMPLE_SEED)
+	rm -rf $(SAMPLE_DIR) && mv $(SAMPLE_DIR).tmp $(SAMPLE_DIR)
 
 demo: $(VENV)/.installed $(SAMPLE_DIR)/list_attr_celeba.txt
 	$(BIN)/python -m jobs.run --config jobs/configs/demo.toml

@@ -5,10 +5,12 @@
 #                               [--object-store-mib M]
 #   infra/local_worker.sh stop  [--dir DIR]
 #
-# HEAD_DIR is the head's --dir (default $FACEAUDIT_RAY_DIR or /tmp/faceaudit-ray): its env.sh
-# gives the address and the auth token. DIR (default HEAD_DIR-worker) is this node's own
-# directory: its Ray --temp-dir, worker.log and worker.pid, so stopping (or killing) this node
-# leaves the head alone. This is how the two-node fault test loses a node mid-run.
+# HEAD_DIR is the head's --dir (default as in local_head.sh: $FACEAUDIT_RAY_DIR, else
+# $XDG_RUNTIME_DIR/faceaudit-ray, else /tmp/faceaudit-ray-<uid>): its env.sh gives the address and
+# the auth token, and is used only when HEAD_DIR and env.sh are yours alone (owner, mode 700/600).
+# DIR (default HEAD_DIR-worker, created with mode 700) is this node's own directory: its Ray
+# --temp-dir, worker.log and worker.pid, so stopping (or killing) this node leaves the head alone.
+# This is how the two-node fault test loses a node mid-run.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -16,7 +18,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$HERE/_ray_common.sh"
 
 cmd="${1:-}"; shift || true
-HEAD_DIR="${FACEAUDIT_RAY_DIR:-/tmp/faceaudit-ray}"
+HEAD_DIR="$(default_dir)"
 DIR=""
 NUM_CPUS=""; NUM_GPUS=""; OBJ_MIB=""
 while [[ $# -gt 0 ]]; do
@@ -26,7 +28,7 @@ while [[ $# -gt 0 ]]; do
     --num-cpus) NUM_CPUS="$2"; shift 2 ;;
     --num-gpus) NUM_GPUS="$2"; shift 2 ;;
     --object-store-mib) OBJ_MIB="$2"; shift 2 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) die "unknown option $1 (see --help)" ;;
   esac
 done
@@ -34,10 +36,15 @@ DIR="${DIR:-${HEAD_DIR%/}-worker}"
 
 case "$cmd" in
   start)
-    [[ -f "$HEAD_DIR/env.sh" ]] || die "no head found: $HEAD_DIR/env.sh is missing (start one with infra/local_head.sh start)"
+    [[ -e "$HEAD_DIR/env.sh" ]] || die "no head found: $HEAD_DIR/env.sh is missing (start one with infra/local_head.sh start)"
+    check_private "$HEAD_DIR" dir
+    check_private "$HEAD_DIR/env.sh" file
+    if [[ -e "$HEAD_DIR/head.pid" || -L "$HEAD_DIR/head.pid" ]]; then check_private "$HEAD_DIR/head.pid" file; fi
     node_alive "$HEAD_DIR/head.pid" || die "the head in $HEAD_DIR is not running"
-    mkdir -p "$DIR"
-    DIR="$(cd "$DIR" && pwd)"
+    DIR="$(realpath -ms -- "$DIR")"   # absolute, symlinks kept (private_dir refuses them)
+    check_socket_room "$DIR"
+    private_dir "$DIR"
+    if [[ -e "$DIR/worker.pid" || -L "$DIR/worker.pid" ]]; then check_private "$DIR/worker.pid" file; fi
     if node_alive "$DIR/worker.pid"; then
       die "a worker node is already running from $DIR; run: $0 stop --dir $DIR"
     fi
@@ -58,7 +65,7 @@ case "$cmd" in
       [[ -n "$NUM_CPUS" ]] && args+=(--num-cpus "$NUM_CPUS")
       [[ -n "$NUM_GPUS" ]] && args+=(--num-gpus "$NUM_GPUS")
       [[ -n "$OBJ_MIB" ]] && args+=(--object-store-memory "$((OBJ_MIB * 1024 * 1024))")
-      setsid "$RAY" start "${args[@]}" > "$DIR/worker.log" 2>&1 < /dev/null &
+      start_ray "$DIR/worker.log" "${args[@]}"
       echo $! > "$DIR/worker.pid"
       echo "$MARK" > "$DIR/marker"
       if wait_resource "$DIR/worker.pid" "$DIR/worker.log" "$RAY_ADDRESS" "$MARK"; then break; fi

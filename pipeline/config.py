@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -439,9 +440,35 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 raise ConfigError(f"--set {item!r}: {k!r} is not a section")
         node[keys[-1]] = value
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err)) from None
+    cfg.data.root = _local_root("data.root", cfg.data.root)
+    cfg.output.root = _local_root("output.root", cfg.output.root)
+    return cfg
+
+
+# Set by Ray's job supervisor in the environment of every `ray job submit` driver.
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def _local_root(key: str, value: str) -> str:
+    """A relative local root made absolute against the directory the command was run from.
+
+    A driver started by ``ray job submit`` runs in Ray's unpacked copy of the working dir on the
+    head, not where the user typed the command, so a relative path there cannot mean what the
+    user meant: it is refused with the fix. URIs with a scheme (``s3://``) pass unchanged.
+    """
+    path = value[len("file://"):] if value.startswith("file://") else value
+    if "://" in path or os.path.isabs(path):
+        return value
+    if os.environ.get(RAY_JOB_ENV):
+        raise ConfigError(
+            f"{key} = {value!r} is a relative path, but this driver runs under `ray job submit` "
+            f"in {os.getcwd()} (Ray's copy of the working dir), not where the job was submitted: "
+            f"pass an absolute path that every node can read (for a head on this machine: "
+            f"--set {key}=$PWD/{path}) or an s3:// URI")
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def dump_toml(cfg: Config) -> str:

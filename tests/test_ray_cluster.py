@@ -271,6 +271,17 @@ def test_token_auth_is_on(cluster):
 
 
 @pytest.mark.cluster
+def test_a_relative_root_in_a_submitted_job_is_refused_naming_the_fix(cluster):
+    """demo.toml's own relative data.root under `ray job submit` (issue #19): refused, never
+    read from Ray's unpacked copy of the working dir, with the --set to pass."""
+    cluster.submit("fa-relative", "jobs.ingest", "--config", "jobs/configs/demo.toml")
+    assert cluster.wait("fa-relative", timeout=300) == "FAILED"
+    logs = cluster.logs("fa-relative")
+    assert "data.root = 'data/sample' is a relative path" in logs, logs[-3000:]
+    assert "--set data.root=$PWD/data/sample" in logs and "working_dir_files" in logs
+
+
+@pytest.mark.cluster
 @pytest.mark.slow
 def test_job_submit_runs_the_pipeline(cluster, sample, reference):
     stages = _available_stages()
