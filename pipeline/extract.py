@@ -14,12 +14,13 @@ One Ray Data pipeline, streaming::
 
 Batch fields between the steps (Arrow):
 
-* decode out: ``image_id``, ``uri``, ``shard`` (int32), ``error`` (string, null when usable) and
+* decode out: ``image_id``, ``uri``, ``shard`` (int32), ``error`` (string, null when usable),
+  ``content_hash`` (string: :func:`content_hash` of the file's bytes, null when unreadable) and
   one ``px<S>`` binary column per input size S (uint8 pixels, HWC, S*S*3 bytes; null on error).
   Pixels stay uint8 until the actor: 4x less object-store traffic than float32 and, on a GPU, the
   normalisation runs on the device instead of in Python.
-* infer out: ``image_id``, ``uri``, ``shard``, ``error``, ``p_<Attribute>`` float32 and
-  ``embedding`` fixed_size_list<float32>[D] (nulls on error rows).
+* infer out: ``image_id``, ``uri``, ``shard``, ``error``, ``p_<Attribute>`` float32,
+  ``embedding`` fixed_size_list<float32>[D] (nulls on error rows) and ``content_hash``.
 
 Resume. The manifest, sorted by ``image_id``, is cut into shards of ``extract.rows_per_file``
 rows. A shard is done when its ``features/part-<shard>.parquet`` exists (written after its error
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 
 STAGE = "extract"
 # Bumped when the meaning of the features table changes (preprocessing, column layout).
-FEATURES_FORMAT = "1"
+FEATURES_FORMAT = "2"  # 2: content_hash column
 STATE = "_state/extract.json"
 
 
@@ -68,6 +69,8 @@ def features_schema(attributes: list[str], dim: int) -> pa.Schema:
     # Arrow schema metadata), so readers without fixed-size lists see array<float>
     fields.append(pa.field("embedding", pa.list_(pa.field("item", pa.float32()), dim),
                            nullable=False))
+    # blake2b-128 of the image file's bytes (hex): equal hashes = byte-identical files (audit)
+    fields.append(pa.field("content_hash", pa.string(), nullable=False))
     return pa.schema(fields)
 
 
@@ -77,6 +80,7 @@ def _infer_schema(attributes: list[str], dim: int) -> pa.Schema:
               pa.field("shard", pa.int32()), pa.field("error", pa.string())]
     fields += [pa.field(f"p_{a}", pa.float32()) for a in attributes]
     fields.append(pa.field("embedding", pa.list_(pa.field("item", pa.float32()), dim)))
+    fields.append(pa.field("content_hash", pa.string()))
     return pa.schema(fields)
 
 
@@ -136,6 +140,11 @@ def decode_image(data: bytes | None, sizes: tuple[int, ...], min_side: int = 16
         raise BadImage(f"corrupt or truncated image: {exc}") from None
 
 
+def content_hash(data: bytes) -> str:
+    """The features table's ``content_hash``: blake2b (16-byte digest) of a file's bytes, hex."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
 def _read_one(uri: str, storage_cfg: StorageConfig) -> tuple[bytes | None, str | None]:
     try:
         loc = storage.filesystem(uri, storage_cfg)
@@ -158,6 +167,7 @@ def _decode_block(block: pa.Table, *, storage_cfg: StorageConfig, sizes: tuple[i
     with ThreadPoolExecutor(max_workers=min(read_threads, max(1, len(uris)))) as pool:
         read = list(pool.map(lambda u: _read_one(u, storage_cfg), uris))
     errors: list[str | None] = []
+    hashes = [None if data is None else content_hash(data) for data, _ in read]
     pixels: list[list[bytes | None]] = [[] for _ in sizes]
     for data, read_err in read:
         err = read_err
@@ -172,6 +182,7 @@ def _decode_block(block: pa.Table, *, storage_cfg: StorageConfig, sizes: tuple[i
             pixels[i].append(arrays[i].tobytes() if arrays is not None else None)
     out = block.select(["image_id", "uri", "shard"])
     out = out.append_column("error", pa.array(errors, pa.string()))
+    out = out.append_column("content_hash", pa.array(hashes, pa.string()))
     for n, col in zip(sizes, pixels):
         out = out.append_column(f"px{n}", pa.array(col, pa.binary()))
     return out
@@ -274,7 +285,7 @@ class _Infer:
         emb_arr = pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel(), pa.float32()),
                                                     self.emb.dim, mask=pa.array(mask))
         arrays = [batch.column("image_id"), batch.column("uri"), batch.column("shard"),
-                  batch.column("error")] + cols + [emb_arr]
+                  batch.column("error")] + cols + [emb_arr, batch.column("content_hash")]
         return pa.Table.from_arrays([a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a
                                      for a in arrays], schema=self.schema)
 

@@ -74,6 +74,7 @@ def write_features(cfg: Config, man: pa.Table, rng: np.random.Generator, dim: in
         cols[f"p_{a}"] = pa.array(rng.random(n).astype(np.float32))
     emb = rng.normal(size=(n, dim)).astype(np.float32)
     cols["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), dim)
+    cols["content_hash"] = pa.array([f"h{i:031d}" for i in range(n)])
     tables.replace(cfg, "features", pa.table(cols).cast(schema), schema=schema,
                    metadata={"embedding_model": "resnet50", "attribute_model": "mobilenet_v2"})
 
