@@ -122,7 +122,7 @@ def test_utkface_byte_identical_groups_and_their_label_conflicts(tmp_path, ray_s
     # the tables open in DuckDB and polars as they are
     root = cfg.output.root
     n = duckdb.sql(f"SELECT count(DISTINCT \"group\") FROM read_parquet('{root}/audit/duplicates/"
-                   f"*.parquet') WHERE kind = 'exact'").fetchone()[0]
+                   f"*.parquet') WHERE kind = 'exact'").fetchall()[0][0]
     assert n == 4
     assert pl.scan_parquet(f"{root}/audit/label_conflicts/*.parquet").collect().height >= 3
 

@@ -187,8 +187,9 @@ def run(cfg: Config) -> dict:
     del E_ref
     near = dup.near_groups(n, pi, pj, exact)
     dist = dup.member_distance(n, pi, pj, pd_, exact)
-    base = rows.select("image_id", "split", pl.col("identity").cast(pl.Int32), "content_hash",
-                       *compared)
+    # identity is both a table column and (when annotated) a compared label; conform casts back
+    base = rows.select("image_id", "split", "content_hash", *compared,
+                       *([] if "identity" in compared else [pl.col("identity").cast(pl.Int32)]))
     ex_dups, ex_conf = dup.duplicate_tables(base, "exact", exact, np.zeros(n), compared)
     nr_dups, nr_conf = dup.duplicate_tables(base, "near", near, np.where(np.isinf(dist), 0, dist),
                                             compared)
