@@ -16,7 +16,7 @@ from pipeline import storage, tables
 from tests.helpers import tiny_config
 from tests.report_tables import SPACES, write_run
 
-SECTION_IDS = ("data", "attribute-model", "clusters", "bias", "classifiers", "explanations", "run")
+SECTION_IDS = ("data", "data-quality", "attribute-model", "clusters", "bias", "classifiers", "explanations", "run")
 
 
 class _Page(HTMLParser):
@@ -88,6 +88,10 @@ def test_full_run_shows_every_section_and_no_problem(full_run):
     for space in SPACES:  # every space gets its sweep, map, mean faces, sample grid ...
         for part in ("sweep", "map", "lift", "occurrence", "mean-faces", "samples", "distances"):
             assert f"figures/clusters-{space}-{part}.png" in html, (space, part)
+    # data quality: the conflicting duplicate pair and the most suspect labels, as faces
+    for fig in ("quality-conflicts", "quality-suspects"):
+        assert f"figures/{fig}.png" in html, fig
+    assert "Suspected label errors per attribute" in html
     for needle in ("P(A | B)", "Chi-square", "beeswarm", "rank agreement", "majority-class baseline",
                    "What undersampling changed", "config.toml"):
         assert needle in html, needle

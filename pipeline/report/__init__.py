@@ -5,6 +5,7 @@
 :mod:`pipeline.storage` (atomic writes). Sections, one module each:
 
 - Data (``_data``): images, splits, attribute prevalence, rejected inputs.
+- Data quality (``_quality``): duplicates, label conflicts, leakage, probable label errors.
 - Attribute model (``_attributes``): accuracy vs majority baseline, training curve.
 - Clusters (``_clusters``): per feature space the sweep, 2-D map, lift heatmap, attribute
   occurrence, mean faces, sample grids, centroid distances; P(A | B).
@@ -27,12 +28,13 @@ from pipeline import storage
 from pipeline.config import Config
 from pipeline.report import (_attributes, _bias, _classifiers, _clusters, _data, _explain,
                              _runinfo)
+from pipeline.report import _quality
 from pipeline.report._context import Context, ReportDataError, h, note, slug
 from pipeline.report._page import render
 
 log = logging.getLogger(__name__)
 
-SECTIONS = (_data, _attributes, _clusters, _bias, _classifiers, _explain, _runinfo)
+SECTIONS = (_data, _quality, _attributes, _clusters, _bias, _classifiers, _explain, _runinfo)
 INDEX = "index.html"
 
 
