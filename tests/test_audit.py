@@ -208,3 +208,40 @@ def test_near_pairs_same_in_any_block_size_and_groups_exclude_pure_copies():
 def test_audit_runs_after_cluster_and_before_classify():
     names = list(pipeline_run.STAGE_NAMES)
     assert names.index("cluster") < names.index("audit") < names.index("classify")
+
+
+@pytest.mark.slow
+def test_drop_action_keeps_conflicting_copies_out_of_classify(tmp_path, ray_session):
+    """Two byte-identical files under conflicting labels: with the drop action they are in
+    errors/audit and errors/classify and in neither classify's training nor its test rows."""
+    import shutil
+
+    from pipeline.run import run_stage
+    from tests.helpers import write_tiny_manifest
+
+    cfg = tiny_config(tmp_path, 'classify.features=["annotations"]',
+                      'classify.models=["logistic_regression"]', 'classify.samplings=["none"]',
+                      "classify.per_cluster=false", "classify.bootstrap=0",
+                      "audit.action=drop_conflicting_exact", "audit.cv_folds=3",
+                      'audit.label_attributes=["Male"]')
+    man = write_tiny_manifest(cfg, n=60)
+    ids, uris = man["image_id"].to_pylist(), man["uri"].to_pylist()
+    shutil.copyfile(uris[0], uris[-1])  # one photo filed twice (train and test) ...
+    smiling = man["Smiling"].to_pylist()
+    smiling[-1] = not smiling[0]  # ... under different labels
+    man = man.set_column(man.schema.get_field_index("Smiling"), "Smiling",
+                         pa.array(smiling, pa.bool_()))
+    tables.replace(cfg, "manifest", man, schema=man.schema)
+    _write_real_features(cfg, man)
+    run_stage(cfg, "audit")
+    dup = pl.from_arrow(tables.read(cfg, audit.DUPLICATES))
+    conflicting = set(dup.filter(~pl.col("labels_agree") & (pl.col("kind") == "exact"))
+                      ["image_id"])
+    assert conflicting == {ids[0], ids[-1]}
+    assert set(audit.excluded_image_ids(cfg)) == conflicting
+    run_stage(cfg, "classify")
+    used = set(tables.read(cfg, "classifiers/dataset", columns=["image_id"])["image_id"]
+               .to_pylist())
+    assert not used & conflicting and len(used) == 60 - len(conflicting)
+    reasons = tables.read_errors(cfg, "classify").to_pylist()
+    assert {r["image_id"] for r in reasons if "audit" in r["reason"]} == conflicting
