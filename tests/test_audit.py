@@ -245,3 +245,28 @@ def test_drop_action_keeps_conflicting_copies_out_of_classify(tmp_path, ray_sess
     assert not used & conflicting and len(used) == 60 - len(conflicting)
     reasons = tables.read_errors(cfg, "classify").to_pylist()
     assert {r["image_id"] for r in reasons if "audit" in r["reason"]} == conflicting
+
+
+@pytest.mark.slow
+def test_audit_tables_open_in_spark(tmp_path):
+    """Every audit table, as written (schemas from the stage), reads in Spark as it is."""
+    pyspark = pytest.importorskip("pyspark", reason="pyspark is in the dev extra")
+    from pyspark.sql import SparkSession
+
+    from tests.report_tables import write_audit, write_manifest_and_errors
+
+    cfg = tiny_config(tmp_path)
+    man = write_manifest_and_errors(cfg, 20)
+    write_audit(cfg, man, None, np.random.default_rng(0))
+    spark = (SparkSession.builder.master("local[1]").appName("faceaudit-audit-test")
+             .config("spark.ui.enabled", "false").getOrCreate())
+    try:
+        for name, schema in audit.SCHEMAS.items():
+            df = spark.read.parquet(f"{cfg.output.root}/{name}")
+            assert df.columns == schema.names, name
+            assert df.count() == tables.read(cfg, name).num_rows, name
+        conflicts = spark.read.parquet(f"{cfg.output.root}/{audit.LABEL_CONFLICTS}").collect()
+        assert conflicts[0]["attribute"] == "Male" and len(conflicts[0]["image_ids"]) == 2
+    finally:
+        spark.stop()
+    assert pyspark.__version__

@@ -82,6 +82,12 @@ def _counts(ctx: Context, s: pd.DataFrame) -> list[str]:
                  f"{p01:.4f} (1st percentile) / {p50:.4f} (median); the near-duplicate threshold "
                  f"is {a.near_threshold:g}. A threshold near the median means the embedding "
                  f"does not separate faces and the near groups are not meaningful.</p>")
+    if p50 is not None and a.near_threshold >= p50:
+        extra += note(f"The near-duplicate threshold ({a.near_threshold:g}) is at or above the "
+                      f"median nearest-neighbour distance ({p50:.4f}): this embedding does not "
+                      "tell faces apart at that scale, so the near-duplicate counts say little "
+                      "(exact duplicates are unaffected). Use a face embedding or lower "
+                      "audit.near_threshold.", "warn")
     return [table_html(t), extra]
 
 
