@@ -200,9 +200,22 @@ def test_near_pairs_same_in_any_block_size_and_groups_exclude_pure_copies():
     hashes[20], hashes[40] = hashes[3], hashes[30]  # byte-identical files
     exact = audit.exact_groups(hashes)
     assert exact[3] == exact[20] >= 0 and exact[30] == exact[40] >= 0 and exact[10] == -1
-    near = audit.near_groups(300, one[0], one[1], exact)
+    near = audit.near_groups(300, one[0], one[1], one[2], exact)
     assert near[3] == near[10] == near[20] >= 0
     assert near[30] == near[40] == -1  # copies of one file only: an exact group, not a near one
+    assert (near >= 0).sum() == 3
+
+
+def test_near_groups_do_not_chain():
+    """A line of points each 0.9 thresholds from the next is one connected component, but no
+    member of a group may be farther than the threshold from its leader."""
+    n = 10
+    i, j = np.arange(n - 1), np.arange(1, n)
+    d = np.full(n - 1, 0.9)
+    d[4] = 0.5  # the closest pair leads
+    groups = audit.near_groups(n, i, j, d, np.full(n, -1))
+    sizes = np.bincount(groups[groups >= 0])
+    assert sizes.max() <= 3 and groups[4] == groups[5] >= 0  # the closest pair is one group
 
 
 def test_audit_runs_after_cluster_and_before_classify():

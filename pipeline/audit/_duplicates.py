@@ -13,8 +13,6 @@ from typing import Callable
 
 import numpy as np
 import polars as pl
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from pipeline.schemas import SPLITS
 
@@ -104,36 +102,44 @@ def near_pairs(E: np.ndarray, *, k: int, threshold: float, block_rows: int,
     return i.astype(np.int64), j.astype(np.int64), d.astype(np.float64), nearest
 
 
-def near_groups(n: int, i: np.ndarray, j: np.ndarray, exact: np.ndarray) -> np.ndarray:
+def near_groups(n: int, i: np.ndarray, j: np.ndarray, d: np.ndarray, exact: np.ndarray
+                ) -> np.ndarray:
     """Group id per row for near duplicates; -1 = none.
 
-    Rows are linked by the near pairs and by their exact twins; a connected component is a near
-    group when it holds at least two different files (a component of byte-identical copies
-    only is already an exact group). Numbered by first row.
+    Byte-identical rows count as one file (their exact group). Groups are formed greedily over
+    the near pairs in order of distance, closest first: two ungrouped files start a group, led
+    by the first; a later pair adds an ungrouped file only through the group's leader. Every
+    member is thus within the threshold of its leader, so the groups cannot chain (connected
+    components over a loose threshold do: one pair links to the next until half the collection
+    is one "group"). Each group has at least two different files; exact twins of a member join
+    it. Numbered by first row.
     """
-    ex_rows = np.flatnonzero(exact >= 0)
-    # link every exact member to its group's first row
-    first_of = {}
-    ei, ej = [], []
-    for r in ex_rows:
-        g = int(exact[r])
-        if g in first_of:
-            ei.append(first_of[g])
-            ej.append(r)
-        else:
-            first_of[g] = r
-    a = np.concatenate([i, np.asarray(ei, np.int64)])
-    b = np.concatenate([j, np.asarray(ej, np.int64)])
-    graph = coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n))
-    _, comp = connected_components(graph, directed=False)
-    # distinct files per component: exact members count once (their group), others each
-    file_key = np.where(exact >= 0, -1 - exact, np.arange(n))
-    df = pl.DataFrame({"c": comp, "f": file_key}).with_row_index("r")
-    stats = df.group_by("c").agg(pl.col("f").n_unique().alias("files"), pl.col("r").min()
-                                 .alias("first"))
-    keep = stats.filter(pl.col("files") > 1).sort("first").with_row_index("g")
-    out = df.join(keep.select("c", "g"), on="c", how="left").sort("r")
-    return out["g"].fill_null(-1).cast(pl.Int64).to_numpy()
+    # one node per file: exact members map to their group's first row
+    rep = np.arange(n)
+    if (exact >= 0).any():
+        first = {}
+        for r in np.flatnonzero(exact >= 0):
+            rep[r] = first.setdefault(int(exact[r]), int(r))
+    a, b = rep[i], rep[j]
+    keep = a != b
+    a, b, dd = a[keep], b[keep], d[keep]
+    group = np.full(n, -1, np.int64)
+    leader: list[int] = []
+    for r in np.lexsort((b, a, dd)):
+        x, y = int(a[r]), int(b[r])
+        gx, gy = group[x], group[y]
+        if gx < 0 and gy < 0:
+            group[x] = group[y] = len(leader)
+            leader.append(x)
+        elif gx >= 0 and gy < 0 and leader[gx] == x:
+            group[y] = gx
+        elif gy >= 0 and gx < 0 and leader[gy] == y:
+            group[x] = gy
+    out = group[rep]  # exact twins follow their file
+    # renumber by first row
+    ids = out[out >= 0]
+    order = {g: k for k, g in enumerate(dict.fromkeys(ids.tolist()))}
+    return np.array([order[g] if g >= 0 else -1 for g in out.tolist()], np.int64)
 
 
 def member_distance(n: int, i: np.ndarray, j: np.ndarray, d: np.ndarray, exact: np.ndarray

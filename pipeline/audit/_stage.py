@@ -185,7 +185,7 @@ def run(cfg: Config) -> dict:
                                           run_blocks=_ray_blocks(E_ref, a.near_neighbours,
                                                                  a.cpus_per_task))
     del E_ref
-    near = dup.near_groups(n, pi, pj, exact)
+    near = dup.near_groups(n, pi, pj, pd_, exact)
     dist = dup.member_distance(n, pi, pj, pd_, exact)
     # identity is both a table column and (when annotated) a compared label; conform casts back
     base = rows.select("image_id", "split", "content_hash", *compared,
@@ -284,7 +284,13 @@ def run(cfg: Config) -> dict:
                     {"metric": "significant_groupings", "attribute": attr,
                      "value": rates.filter(pl.col("significant").fill_null(False))
                      ["group_by"].n_unique()}]
-        log.info("[audit] %s: %d of %d labels suspect", attr, int(is_issue.sum()), len(codes))
+        # how far the verdicts can be trusted: the out-of-sample model against the majority class
+        acc = float((probs.argmax(1) == codes).mean())
+        majority = float(np.bincount(codes).max() / len(codes))
+        summary += [{"metric": "label_model_accuracy", "attribute": attr, "value": acc},
+                    {"metric": "label_majority_share", "attribute": attr, "value": majority}]
+        log.info("[audit] %s: %d of %d labels suspect (label model accuracy %.3f, majority "
+                 "%.3f)", attr, int(is_issue.sum()), len(codes), acc, majority)
     del X_ref
     issues = pl.concat(issue_tables) if issue_tables else pl.DataFrame()
     rates = pl.concat(rate_tables) if rate_tables else pl.DataFrame()

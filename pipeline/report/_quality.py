@@ -21,6 +21,8 @@ TITLE = "Data quality"
 # Duplicate groups and suspect labels drawn as faces.
 MAX_GROUPS = 6
 MAX_SUSPECTS = 8
+# A label model within this much accuracy of the majority-class share is called weak.
+WEAK_MARGIN = 0.05
 
 
 def build(ctx: Context) -> list[str]:
@@ -185,9 +187,23 @@ def _label_errors(ctx: Context, reader: FaceReader) -> list[str]:
                 "embedding and the other annotations) judged by confident learning (cleanlab). "
                 "A suspected-error rate that differs between groups is itself a finding: a "
                 "classifier audited against labels that are wrong more often in one group "
-                "measures the labels, not the model.")]
-    overall = rates[rates["group_by"] == "overall"][["attribute", "n", "issues", "rate"]]
-    out.append(table_html(overall, caption="Suspected label errors per attribute"))
+                "measures the labels, not the model. A rate can also differ because the label "
+                "model itself is worse on one group (faces it sees rarely): read the rates beside "
+                "the worst examples.")]
+    overall = rates[rates["group_by"] == "overall"][["attribute", "n", "issues", "rate"]].copy()
+    summary = ctx.table(SUMMARY)
+    for metric, column in (("label_model_accuracy", "label model accuracy"),
+                           ("label_majority_share", "majority share")):
+        overall[column] = [_metric(summary, metric, a) for a in overall["attribute"]]
+    out.append(table_html(overall, caption="Suspected label errors per attribute, beside how well "
+                                           "the out-of-sample label model predicts the labels"))
+    weak = overall[overall["label model accuracy"].notna()
+                   & (overall["label model accuracy"] < overall["majority share"] + WEAK_MARGIN)]
+    if not weak.empty:
+        out.append(note("The label model barely beats always answering the majority class for "
+                        f"{', '.join(h(a) for a in weak['attribute'])}: its verdicts there mostly "
+                        "say the features cannot predict the label, not that the label is wrong.",
+                        "warn"))
     per = rates[rates["group_by"] != "overall"].copy()
     if not per.empty:
         per = per.sort_values(["significant", "p_value"], ascending=[False, True],
