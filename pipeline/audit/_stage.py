@@ -186,7 +186,8 @@ def run(cfg: Config) -> dict:
                                                                  a.cpus_per_task))
     del E_ref
     near = dup.near_groups(n, pi, pj, pd_, exact)
-    dist = dup.member_distance(n, pi, pj, pd_, exact)
+    same = (near[pi] >= 0) & (near[pi] == near[pj])  # pairs inside one near group
+    dist = dup.member_distance(n, pi[same], pj[same], pd_[same], exact)
     # identity is both a table column and (when annotated) a compared label; conform casts back
     base = rows.select("image_id", "split", "content_hash", *compared,
                        *([] if "identity" in compared else [pl.col("identity").cast(pl.Int32)]))
