@@ -340,6 +340,36 @@ class ExplainConfig(_Section):
     # Depth cap for forests is classify.params.random_forest.max_depth (set at training time).
 
 
+class AuditConfig(_Section):
+    # What to do with exact duplicates whose labels conflict: "report" only, or
+    # "drop_conflicting_exact" = keep them out of classify's training and evaluation (errors/audit).
+    action: Literal["report", "drop_conflicting_exact"] = "report"
+    # Near duplicates: cosine distance between L2-normalised embeddings at or below this value.
+    near_threshold: float = Field(default=0.02, ge=0, le=2)
+    # Nearest neighbours searched per image for near duplicates (bounds the output: n x k pairs).
+    near_neighbours: int = Field(default=5, ge=1)
+    # Embeddings wider than this are reduced by PCA (seeded) before the neighbour search; 0 = never.
+    near_dims: int = Field(default=128, ge=0)
+    # Query rows per neighbour-search Ray task (each task holds block_rows x n distances in chunks).
+    block_rows: int = Field(default=8192, ge=1)
+    # Attributes audited for label errors; empty = classify.target, classify.sensitive and
+    # UTKFace's gender / race / age group, those the manifest annotates.
+    label_attributes: list[str] = Field(default_factory=list)
+    # Inputs of the out-of-sample label model: embedding (PCA) and the other annotations.
+    label_features: list[Literal["embedding", "annotations"]] = Field(
+        default_factory=lambda: ["embedding", "annotations"])
+    # Principal components of the embedding given to the label model.
+    embedding_components: int = Field(default=32, ge=1)
+    # Cross-validation folds for the out-of-sample predicted probabilities.
+    cv_folds: int = Field(default=5, ge=2)
+    # Lower edges (years) of the age groups UTKFace's age is audited as.
+    age_bins: list[int] = Field(default_factory=lambda: [0, 3, 10, 20, 30, 40, 50, 60, 70])
+    # Significance level for calling a suspected-error-rate difference between groups a finding.
+    alpha: float = Field(default=0.05, gt=0, lt=1)
+    # CPUs each audit Ray task (a neighbour block, one attribute's label model) requests.
+    cpus_per_task: float = Field(default=1.0, gt=0)
+
+
 class ReportConfig(_Section):
     # Sample faces shown per cluster.
     faces_per_cluster: int = Field(default=12, ge=0)
@@ -362,6 +392,7 @@ class Config(_Section):
     classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
 
     @field_validator("cluster")
     @classmethod

@@ -21,12 +21,13 @@ One Ray Data pipeline, streaming::
 
 Batch fields between the steps (Arrow):
 
-* decode out: ``image_id``, ``uri``, ``shard`` (int32), ``error`` (string, null when usable) and
+* decode out: ``image_id``, ``uri``, ``shard`` (int32), ``error`` (string, null when usable),
+  ``content_hash`` (string: :func:`content_hash` of the file's bytes, null when unreadable) and
   one ``px<S>`` binary column per input size S (uint8 pixels, HWC, S*S*3 bytes; null on error).
   Pixels stay uint8 until the actor: 4x less object-store traffic than float32 and, on a GPU, the
   normalisation runs on the device instead of in Python.
 * infer out: ``image_id``, ``uri``, ``shard``, ``error``, ``p_<Attribute>`` float32 and
-  ``embedding`` fixed_size_list<float32>[D] (nulls on error rows).
+  ``embedding`` fixed_size_list<float32>[D] (nulls on error rows) and ``content_hash``.
 * with dlib, decode also emits ``orig`` (binary, the decoded RGB image at its own resolution,
   longer side capped at ``extract.dlib_max_side``), ``orig_h``, ``orig_w`` (int32); infer passes
   them on instead of ``embedding``; dlib out: infer's columns minus ``orig*``, plus ``embedding``
@@ -67,7 +68,7 @@ log = logging.getLogger(__name__)
 
 STAGE = "extract"
 # Bumped when the meaning of the features table changes (preprocessing, column layout).
-FEATURES_FORMAT = "1"
+FEATURES_FORMAT = "2"  # 2: content_hash column
 STATE = "_state/extract.json"
 
 
@@ -86,6 +87,8 @@ def features_schema(attributes: list[str], dim: int, face_detected: bool = False
     # Arrow schema metadata), so readers without fixed-size lists see array<float>
     fields.append(pa.field("embedding", pa.list_(pa.field("item", pa.float32()), dim),
                            nullable=False))
+    # blake2b-128 of the image file's bytes (hex): equal hashes = byte-identical files (audit)
+    fields.append(pa.field("content_hash", pa.string(), nullable=False))
     if face_detected:
         fields.append(pa.field("face_detected", pa.bool_(), nullable=False))
     return pa.schema(fields)
@@ -110,6 +113,7 @@ def _infer_schema(attributes: list[str], dim: int | None) -> pa.Schema:
         fields += list(_ORIGINAL)
     else:
         fields.append(pa.field("embedding", pa.list_(pa.field("item", pa.float32()), dim)))
+    fields.append(pa.field("content_hash", pa.string()))
     return pa.schema(fields)
 
 
@@ -208,6 +212,11 @@ def decode_image(data: bytes | None, sizes: tuple[int, ...], min_side: int = 16,
                         sizes)
 
 
+def content_hash(data: bytes) -> str:
+    """The features table's ``content_hash``: blake2b (16-byte digest) of a file's bytes, hex."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
 def _read_one(uri: str, storage_cfg: StorageConfig, max_bytes: int
               ) -> tuple[bytes | None, str | None]:
     try:
@@ -230,6 +239,7 @@ def _decode_block(block: pa.Table, *, storage_cfg: StorageConfig, sizes: tuple[i
     # the original is wanted at full resolution: no JPEG draft beyond its own size cap
     draft = (original_max_side or 0) if keep else max(sizes)
     errors: list[str | None] = []
+    hashes: list[str | None] = []  # of every file read, so the audit sees even undecodable ones
     pixels: list[list[bytes | None]] = [[] for _ in sizes]
     orig: list[bytes | None] = []
     orig_hw: list[tuple[int | None, int | None]] = []
@@ -242,6 +252,7 @@ def _decode_block(block: pa.Table, *, storage_cfg: StorageConfig, sizes: tuple[i
                                            window):
                 err = read_err
                 arrays = full = None
+                hashes.append(None if data is None else content_hash(data))
                 if err is None:
                     try:
                         im = decode_rgb(data, min_side, draft_side=draft, max_pixels=max_pixels)
@@ -259,6 +270,7 @@ def _decode_block(block: pa.Table, *, storage_cfg: StorageConfig, sizes: tuple[i
                     orig_hw.append((None, None) if full is None else full.shape[:2])
     out = block.select(["image_id", "uri", "shard"])
     out = out.append_column("error", pa.array(errors, pa.string()))
+    out = out.append_column("content_hash", pa.array(hashes, pa.string()))
     for n, col in zip(sizes, pixels):
         out = out.append_column(f"px{n}", pa.array(col, pa.binary()))
     if keep:
@@ -459,7 +471,7 @@ def _infer_output(batch: pa.Table, good: np.ndarray, probs: np.ndarray,
             pa.array(np.ascontiguousarray(flat).ravel(), pa.float32()), dim,
             mask=None if mask is None else pa.array(mask))]
     arrays = [batch.column("image_id"), batch.column("uri"), batch.column("shard"),
-              batch.column("error")] + cols + tail
+              batch.column("error")] + cols + tail + [batch.column("content_hash")]
     return pa.Table.from_arrays([a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a
                                  for a in arrays], schema=schema)
 
@@ -501,7 +513,7 @@ class _DlibInfer:
         keep = [batch.column(c) for c in _ROUTING]
         keep += [batch.column(f"p_{a}") for a in self.attributes]
         arrays = keep + [_embedding_array(emb, good, mask, dlib_face.DIM),
-                         pa.array(found, pa.bool_(), mask=mask)]
+                         batch.column("content_hash"), pa.array(found, pa.bool_(), mask=mask)]
         return pa.Table.from_arrays([a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a
                                      for a in arrays], schema=self.schema)
 

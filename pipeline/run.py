@@ -48,6 +48,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("train_attributes", "pipeline.train", ("train",)),
     Stage("extract", "pipeline.extract", ("extract",)),
     Stage("cluster", "pipeline.cluster", ("cluster", "classify.target")),
+    Stage("audit", "pipeline.audit", ("audit", "classify.target", "classify.sensitive")),
     Stage("classify", "pipeline.classify", ("classify",)),
     Stage("explain", "pipeline.explain", ("explain",)),
     Stage("report", "pipeline.report", ("report",), needs_ray=False, needs_lock=False),

@@ -74,6 +74,7 @@ def write_features(cfg: Config, man: pa.Table, rng: np.random.Generator, dim: in
         cols[f"p_{a}"] = pa.array(rng.random(n).astype(np.float32))
     emb = rng.normal(size=(n, dim)).astype(np.float32)
     cols["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), dim)
+    cols["content_hash"] = pa.array([f"h{i:031d}" for i in range(n)])
     tables.replace(cfg, "features", pa.table(cols).cast(schema), schema=schema,
                    metadata={"embedding_model": "resnet50", "attribute_model": "mobilenet_v2"})
 
@@ -257,7 +258,58 @@ def write_shap(cfg: Config, rng: np.random.Generator) -> None:
                    schema=COMPARISON_SCHEMA)
 
 
-STAGE_WRITERS = ("ingest", "train_attributes", "extract", "cluster", "classify", "explain")
+def write_audit(cfg: Config, man: pa.Table, primary: np.ndarray | None,
+                rng: np.random.Generator) -> None:
+    """The audit tables in their schemas, from the audit's own label functions on the manifest:
+    two files filed twice (one pair with conflicting labels, across splits)."""
+    import polars as pl
+
+    from pipeline import audit
+
+    ids, splits = man["image_id"].to_pylist(), man["split"].to_pylist()
+    male = np.asarray(man["Male"].to_pylist(), bool)
+    n = len(ids)
+    # group 0: rows 0 and n-1 (train / test), Male differs; group 1: rows 1 and 2, labels agree
+    dups = [{"group": 0, "kind": "exact", "image_id": ids[i], "split": splits[i], "identity": None,
+             "content_hash": "h0", "distance": 0.0, "group_size": 2, "labels_agree": False,
+             "conflicting": ["Male"]} for i in (0, n - 1)]
+    dups += [{"group": 1, "kind": "exact", "image_id": ids[i], "split": splits[i], "identity": None,
+              "content_hash": "h1", "distance": 0.0, "group_size": 2, "labels_agree": True,
+              "conflicting": []} for i in (1, 2)]
+    conflicts = [{"group": 0, "kind": "exact", "attribute": "Male", "n_images": 2, "n_values": 2,
+                  "image_ids": [ids[0], ids[n - 1]], "values": ["True", "False"],
+                  "splits": [splits[0], splits[n - 1]]}]
+    leak = [{"kind": "exact_duplicate", "key": "0", "image_id": ids[i], "split": splits[i]}
+            for i in (0, n - 1)]
+    counts = [{"kind": "exact_duplicate", "split_a": splits[0], "split_b": splits[n - 1],
+               "groups": 1, "images": 2}]
+    labels = male.astype(int)
+    probs = np.clip(np.stack([1 - labels, labels], 1) * 0.8 + rng.random((n, 2)) * 0.2, 0, 1)
+    probs /= probs.sum(1, keepdims=True)
+    is_issue, quality, rank = audit.label_issues(labels, probs)
+    issues = [{"attribute": "Male", "image_id": ids[i], "split": splits[i],
+               "given": str(bool(labels[i])), "predicted": str(bool(probs[i].argmax())),
+               "p_given": float(probs[i, labels[i]]), "quality": float(quality[i]),
+               "is_issue": bool(is_issue[i]), "rank": int(rank[i])} for i in range(n)]
+    groups = {"cluster": np.array([str(c) for c in (primary if primary is not None
+                                                     else np.zeros(n, int))], dtype=object)}
+    rates = audit.issue_rates(is_issue, groups, 0.05).with_columns(pl.lit("Male").alias(
+        "attribute"))
+    summary = [{"metric": m, "attribute": a, "value": v} for m, a, v in (
+        ("images_audited", None, n), ("exact_groups", None, 2), ("exact_images", None, 4),
+        ("exact_groups_conflicting", None, 1), ("near_groups", None, 0), ("near_images", None, 0),
+        ("leaking_groups", "exact_duplicate", 1), ("dropped_images", None, 0),
+        ("nearest_distance_p01", None, 0.0), ("nearest_distance_p50", None, 0.2))]
+    for name, rows in ((audit.DUPLICATES, dups), (audit.LABEL_CONFLICTS, conflicts),
+                       (audit.LEAKAGE, leak), (audit.LEAKAGE_COUNTS, counts),
+                       (audit.LABEL_ISSUES, issues), (audit.SUMMARY, summary)):
+        tables.replace(cfg, name, pa.Table.from_pylist(rows, audit.SCHEMAS[name]),
+                       schema=audit.SCHEMAS[name])
+    tables.replace(cfg, audit.ISSUE_RATES, rates.to_arrow(), schema=audit.ISSUE_RATES_SCHEMA)
+
+
+STAGE_WRITERS = ("ingest", "train_attributes", "extract", "cluster", "audit", "classify",
+                 "explain")
 
 
 def write_run(cfg: Config, stages: tuple[str, ...] = STAGE_WRITERS, n: int = 48,
@@ -273,6 +325,8 @@ def write_run(cfg: Config, stages: tuple[str, ...] = STAGE_WRITERS, n: int = 48,
             write_features(cfg, man, rng)
         elif stage == "cluster":
             primary = write_clusters(cfg, man, rng)
+        elif stage == "audit":
+            write_audit(cfg, man, primary, rng)
         elif stage == "classify":
             write_classifiers(cfg, man, primary if primary is not None
                               else np.zeros(n, dtype=int), rng)

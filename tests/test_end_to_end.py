@@ -6,7 +6,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from pipeline import classify, cluster, explain, runlog, tables, train
+from pipeline import audit, classify, cluster, explain, runlog, tables, train
 from pipeline.extract import features_schema
 from pipeline.run import STAGE_NAMES, run_all
 from pipeline.sample import make_sample
@@ -79,6 +79,9 @@ def test_tables_match_their_declared_schemas(finished_run):
     dataset = _schema_of(cfg, "classifiers/dataset")
     feature_cols = [n for n in dataset.names if n not in ("image_id", "split", "cluster", "target")]
     _same(dataset, classify.dataset_schema(feature_cols), "classifier dataset")
+
+    for name, schema in audit.SCHEMAS.items():
+        _same(_schema_of(cfg, name), schema, name)
 
     _same(_schema_of(cfg, "shap/importance"), explain.IMPORTANCE_SCHEMA, "shap importance")
     _same(_schema_of(cfg, "shap/comparison"), explain.COMPARISON_SCHEMA, "shap comparison")

@@ -50,6 +50,10 @@ def test_features_table_schema_rows_and_readers(tmp_path, ray_session):
     expected_schema = extract.features_schema(list(CELEBA_ATTRIBUTES), 2048)
     assert feats.schema.remove_metadata().equals(expected_schema)
     assert feats["image_id"].to_pylist() == sorted(manifest["image_id"].to_pylist())
+    # content_hash is the hash of each file's bytes (the audit's exact-duplicate key)
+    uri_of = dict(zip(manifest["image_id"].to_pylist(), manifest["uri"].to_pylist()))
+    assert feats["content_hash"].to_pylist() == [
+        extract.content_hash(open(uri_of[i], "rb").read()) for i in feats["image_id"].to_pylist()]
     probs = np.stack([feats[f"p_{a}"].to_numpy() for a in CELEBA_ATTRIBUTES], 1)
     assert probs.dtype == np.float32 and ((probs > 0) & (probs < 1)).all()
     emb = np.stack(feats["embedding"].to_numpy(zero_copy_only=False))

@@ -16,8 +16,8 @@ from pipeline import storage, tables
 from tests.helpers import tiny_config
 from tests.report_tables import SPACES, write_run
 
-SECTION_IDS = ("findings", "data", "models-and-weights", "attribute-model", "clusters", "bias",
-               "classifiers", "explanations", "run")
+SECTION_IDS = ("findings", "data", "data-quality", "models-and-weights", "attribute-model",
+               "clusters", "bias", "classifiers", "explanations", "run")
 
 
 class _Page(HTMLParser):
@@ -89,6 +89,10 @@ def test_full_run_shows_every_section_and_no_problem(full_run):
     for space in SPACES:  # every space gets its sweep, map, mean faces, sample grid ...
         for part in ("sweep", "map", "lift", "occurrence", "mean-faces", "samples", "distances"):
             assert f"figures/clusters-{space}-{part}.png" in html, (space, part)
+    # data quality: the conflicting duplicate pair and the most suspect labels, as faces
+    for fig in ("quality-conflicts", "quality-suspects"):
+        assert f"figures/{fig}.png" in html, fig
+    assert "Suspected label errors per attribute" in html
     for needle in ("P(A | B)", "Chi-square", "beeswarm", "rank agreement", "majority-class baseline",
                    "What undersampling changed", "config.toml"):
         assert needle in html, needle

@@ -125,6 +125,18 @@ def load_inputs(cfg: Config) -> Inputs:
     m = m.filter(pl.col("split").is_in(list(SPLITS)))
     errors += _null_errors(m, target, f"classify: target {target} is null")
     m = m.filter(pl.col(target).is_not_null())
+    # -- audit.action = drop_conflicting_exact: images the audit keeps out (errors/audit)
+    from pipeline.audit import excluded_image_ids
+
+    excluded = excluded_image_ids(cfg)
+    if excluded:
+        out = m.filter(pl.col("image_id").is_in(excluded))
+        errors += [{"image_id": r["image_id"], "uri": r["uri"],
+                    "reason": "classify: left out by the audit (exact duplicate with conflicting "
+                              "labels; see errors/audit.parquet)"}
+                   for r in out.select("image_id", "uri").to_dicts()]
+        notes["audit_excluded"] = out.height
+        m = m.filter(~pl.col("image_id").is_in(excluded))
 
     names: list[str] = []
     blocks: list[pl.DataFrame] = []  # per source: image_id + feature columns

@@ -9,6 +9,7 @@
   each most and at what accuracy, the features whose SHAP importance differs most between the
   two groups; then the large-looking gaps that do not survive.
 - Data (``_data``): images, splits, attribute prevalence, rejected inputs.
+- Data quality (``_quality``): duplicates, label conflicts, leakage, probable label errors.
 - Attribute model (``_attributes``): accuracy vs majority baseline, training curve.
 - Clusters (``_clusters``): per feature space the sweep, 2-D map, lift heatmap, attribute
   occurrence, mean faces, sample grids, centroid distances; P(A | B).
@@ -31,14 +32,14 @@ import logging
 from pipeline import storage, tables
 from pipeline.config import Config
 from pipeline.report import (_attributes, _bias, _classifiers, _clusters, _data, _explain,
-                             _findings, _models, _runinfo)
+                             _findings, _models, _quality, _runinfo)
 from pipeline.report._context import Context, ReportDataError, h, note, slug
 from pipeline.report._page import render
 
 log = logging.getLogger(__name__)
 
-SECTIONS = (_findings, _data, _models, _attributes, _clusters, _bias, _classifiers, _explain,
-            _runinfo)
+SECTIONS = (_findings, _data, _quality, _models, _attributes, _clusters, _bias, _classifiers,
+            _explain, _runinfo)
 INDEX = "index.html"
 
 

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 TABLE_STAGE = {
     "manifest": "ingest", "errors": "ingest", "models/attributes": "train_attributes",
     "features": "extract", "clusters": "cluster", "classifiers": "classify", "shap": "explain",
+    "audit": "audit",
 }
 
 

@@ -1,0 +1,54 @@
+"""Audit the collection itself: exact and near duplicates, the same image under conflicting
+labels, images and people leaking across splits, and labels that are probably wrong.
+
+Entry point: :func:`run` ``(cfg) -> dict`` (stage ``audit`` in :mod:`pipeline.run`, after
+``cluster`` so that suspected-error rates can be given per cluster, before ``classify`` so that
+the drop action can take effect there). Inputs: ``manifest/``, ``features/`` (its
+``content_hash`` and ``embedding``), ``clusters/primary`` (optional).
+
+What it finds:
+
+- **Exact duplicates**: rows of ``features/`` with the same ``content_hash`` (blake2b of the
+  file bytes, computed by extract where it reads them: no second pass over the images).
+- **Near duplicates**: each image's ``audit.near_neighbours`` nearest others by cosine distance
+  of the L2-normalised embedding (PCA to ``audit.near_dims`` first when wider), exact brute-force
+  search with scikit-learn in blocks of ``audit.block_rows`` query rows, one Ray task per block;
+  pairs at or below ``audit.near_threshold`` are linked and a connected component holding at
+  least two different files is a near group.
+- **Label conflicts**: a group whose members' annotations differ (every annotated boolean
+  attribute, UTKFace's age / gender / race, identity), one row per group × attribute.
+- **Leakage**: exact / near groups and identities (``identity``, or LFW's ``person``) present
+  in more than one split; the rows and the counts per split pair.
+- **Probable label errors** per attribute (``audit.label_attributes``; by default
+  ``classify.target`` and ``classify.sensitive``, or UTKFace's gender / race / age group):
+  out-of-sample probabilities from a ``audit.cv_folds``-fold cross-validated logistic regression
+  on the embedding's PCs and the other annotations, then cleanlab's confident learning
+  (``find_label_issues``, ``get_label_quality_scores``). Suspected-error rate overall, per
+  cluster and per sensitive group, with a chi-square test of independence per grouping; a
+  p-value below ``audit.alpha`` is a label-noise disparity.
+
+Outputs (schemas in :mod:`pipeline.audit._schemas`, re-exported here): ``audit/duplicates``,
+``audit/label_conflicts``, ``audit/leakage``, ``audit/leakage_counts``, ``audit/label_issues``,
+``audit/label_issue_rates``, ``audit/summary`` (long: metric, attribute, value).
+
+Action (``audit.action``): ``report`` only writes the tables; ``drop_conflicting_exact`` also
+records every member of an exact-duplicate group with conflicting labels in
+``errors/audit.parquet``, and classify leaves those images out of training and evaluation
+(:func:`excluded_image_ids`). The attribute model (trained before extract) is not affected.
+"""
+
+from pipeline.audit._schemas import (DUPLICATES, DUPLICATES_SCHEMA, ISSUE_RATES,
+                                     ISSUE_RATES_SCHEMA, LABEL_CONFLICTS, LABEL_CONFLICTS_SCHEMA,
+                                     LABEL_ISSUES, LABEL_ISSUES_SCHEMA, LEAKAGE,
+                                     LEAKAGE_COUNTS, LEAKAGE_COUNTS_SCHEMA, LEAKAGE_SCHEMA,
+                                     SCHEMAS, SUMMARY, SUMMARY_SCHEMA)
+from pipeline.audit._duplicates import exact_groups, near_groups, near_pairs
+from pipeline.audit._labels import issue_rates, label_issues, out_of_sample_probs
+from pipeline.audit._stage import excluded_image_ids, run
+
+__all__ = ["run", "excluded_image_ids", "exact_groups", "near_pairs", "near_groups",
+           "out_of_sample_probs", "label_issues", "issue_rates", "SCHEMAS",
+           "DUPLICATES", "LABEL_CONFLICTS", "LEAKAGE", "LEAKAGE_COUNTS", "LABEL_ISSUES",
+           "ISSUE_RATES", "SUMMARY", "DUPLICATES_SCHEMA", "LABEL_CONFLICTS_SCHEMA",
+           "LEAKAGE_SCHEMA", "LEAKAGE_COUNTS_SCHEMA", "LABEL_ISSUES_SCHEMA",
+           "ISSUE_RATES_SCHEMA", "SUMMARY_SCHEMA"]
