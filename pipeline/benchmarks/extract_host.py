@@ -30,7 +30,8 @@ def _batch(n: int, sizes: tuple[int, ...], errors: int, seed: int) -> pa.Table:
     cols = {"image_id": [f"{i:06d}.jpg" for i in range(n)],
             "uri": [f"/data/img/{i:06d}.jpg" for i in range(n)],
             "shard": pa.array(np.zeros(n, np.int32)),
-            "error": pa.array(["corrupt" if i in bad else None for i in range(n)], pa.string())}
+            "error": pa.array(["corrupt" if i in bad else None for i in range(n)], pa.string()),
+            "content_hash": pa.array([f"{i:032x}" for i in range(n)], pa.string())}
     for s in sizes:
         px = rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8)
         cols[f"px{s}"] = pa.array([None if i in bad else px[i].tobytes() for i in range(n)],
@@ -77,7 +78,7 @@ def _old_output(batch: pa.Table, good: np.ndarray, probs: np.ndarray, emb: np.nd
     emb_arr = pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel(), pa.float32()),
                                                 emb.shape[1], mask=pa.array(mask))
     arrays = [batch.column("image_id"), batch.column("uri"), batch.column("shard"),
-              batch.column("error")] + cols + [emb_arr]
+              batch.column("error")] + cols + [emb_arr, batch.column("content_hash")]
     return pa.Table.from_arrays([a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a
                                  for a in arrays], schema=schema)
 
