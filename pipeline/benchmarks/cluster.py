@@ -80,6 +80,8 @@ def run(cfg: Config, rows: int = 10000, dim: int = 50, spaces: int = 3, full_n: 
     t0 = time.perf_counter()
     par = run_sweep(jobs, specs, parallel=True, cpus_per_task=c.cpus_per_task)
     ray_s = time.perf_counter() - t0
+    load_after = os.getloadavg()[0]
+    fits = [r[0]["fit_seconds"] for r in seq1]
     from sklearn.metrics import adjusted_rand_score
 
     # Ray tasks and the one-thread loop do the same arithmetic, so their labels must match
@@ -107,7 +109,8 @@ def run(cfg: Config, rows: int = 10000, dim: int = 50, spaces: int = 3, full_n: 
 
     return {
         "machine": {"os_cpus": os.cpu_count(), "ray_cpus": cpus,
-                    "cpus_per_task": c.cpus_per_task, "load_average_1min": round(load_before, 1)},
+                    "cpus_per_task": c.cpus_per_task, "load_average_1min": round(load_before, 1),
+                    "load_average_1min_after": round(load_after, 1)},
         "sweep": {"spaces": spaces, "rows": rows, "dim": dim, "algorithms": c.algorithms,
                   "k": [c.k_min, c.k_max], "tasks": n_tasks,
                   "sequential_seconds": round(seq_s, 2),
@@ -115,6 +118,8 @@ def run(cfg: Config, rows: int = 10000, dim: int = 50, spaces: int = 3, full_n: 
                   "ray_seconds": round(ray_s, 2),
                   "speedup_vs_sequential": round(seq_s / ray_s, 2),
                   "speedup_vs_sequential_1thread": round(seq1_s / ray_s, 2),
+                  "fit_seconds_1thread_sum": round(sum(fits), 2),
+                  "fit_seconds_1thread_longest": round(max(fits), 2),
                   "labels_identical_ray_vs_1thread": same_1thread,
                   "min_ari_ray_vs_threaded": round(float(min_ari_threaded), 4)},
         "full_n_fit": {"rows": full_n, "dim": 50, "k": full_k, **full},

@@ -17,7 +17,7 @@ then prints one table and the projection of the stages' rates to all 202,599 Cel
 It reuses the train and extract benchmarks' functions (``pipeline.benchmarks.train`` /
 ``extract``), so the numbers mean what theirs mean. Weights are random-init (``pretrained`` and
 ``embedding_weights`` = "none": same arithmetic, no download). The real images sit in one official
-partition, so the benchmark re-splits them by identity (seeded, 10 % val, 10 % test) in its
+partition, so the benchmark re-splits them by identity (seeded, about 10 % of the rows to val and 10 % to test) in its
 scratch manifest; outputs go to a temporary root, never the config's.
 """
 
@@ -101,13 +101,23 @@ class GpuSampler(threading.Thread):
 
 
 def _resplit_by_identity(manifest: pa.Table, seed: int) -> pa.Table:
-    """Seeded identity-disjoint split: 10 % of the identities to val, 10 % to test."""
+    """Seeded identity-disjoint split: identities in a seeded order go to val until it holds
+    10 % of the rows, then to test until 20 %, the rest to train (at least one identity each)."""
     ident = manifest["identity"].to_numpy(zero_copy_only=False)
-    people = np.unique(ident)
-    rng = np.random.default_rng(seed)
-    draw = dict(zip(people.tolist(), rng.random(len(people)).tolist()))
-    split = np.array(["val" if draw[i] < 0.1 else "test" if draw[i] < 0.2 else "train"
-                      for i in ident.tolist()])
+    people, counts = np.unique(ident, return_counts=True)
+    if len(people) < 3:
+        raise ValueError(f"{len(people)} identities cannot make identity-disjoint "
+                         "train/val/test splits: give the benchmark more images")
+    order = np.random.default_rng(seed).permutation(len(people))
+    before = np.cumsum(counts[order]) - counts[order]  # rows already assigned
+    n = len(ident)
+    where = np.where(before < 0.1 * n, 0, np.where(before < 0.2 * n, 1, 2))
+    where[0], where[-1] = 0, 2
+    if not (where == 1).any():
+        where[1] = 1
+    part = dict(zip(people[order].tolist(), where.tolist()))
+    names = np.array(["val", "test", "train"])
+    split = names[[part[i] for i in ident.tolist()]]
     col = manifest.schema.get_field_index("split")
     return manifest.set_column(col, manifest.schema.field(col), pa.array(split, pa.string()))
 

@@ -87,16 +87,38 @@ def run_sweep(jobs: list[SpaceJob], specs: dict[str, list[SweepSpec]], parallel:
     import ray
 
     task = ray.remote(num_cpus=cpus_per_task)(_sweep_task)
-    refs = []
+    puts, todo = {}, []
     for j in jobs:
         x_ref = (x_refs or {}).get(j.space.name) or ray.put(j.space.X)
-        ref_ref = ray.put(j.references)
-        s_ref, sil_ref = ray.put(j.sample_idx), ray.put(j.sil_idx)
-        for s in specs[j.space.name]:
-            mem = _memory_request(s, j.sample_idx)
-            t = task.options(memory=mem) if mem else task
-            refs.append(t.remote(x_ref, s, s_ref, sil_ref, ref_ref))
+        puts[j.space.name] = (x_ref, ray.put(j.sample_idx), ray.put(j.sil_idx),
+                              ray.put(j.references))
+        todo += [(j, s) for s in specs[j.space.name]]
+    # Longest tasks first (LPT): on a few cores the sweep's wall time is otherwise set by a long
+    # GMM or large-k fit that starts last while the other cores idle. Results keep spec order.
+    order = sorted(range(len(todo)), key=lambda i: -_task_cost(*todo[i]))
+    refs: list = [None] * len(todo)
+    for i in order:
+        j, s = todo[i]
+        x_ref, s_ref, sil_ref, ref_ref = puts[j.space.name]
+        mem = _memory_request(s, j.sample_idx)
+        t = task.options(memory=mem) if mem else task
+        refs[i] = t.remote(x_ref, s, s_ref, sil_ref, ref_ref)
     return ray.get(refs)
+
+
+def _task_cost(job: SpaceJob, spec: SweepSpec) -> float:
+    """Rough relative cost of one sweep task (only its rank matters: the submission order).
+    K-Means: rows x k x dim x restarts; GMM (full covariance): rows x k x dim^2; Ward and
+    HDBSCAN: sample^2 x dim; plus the scores, silhouette's sil_rows^2 x dim."""
+    n, d = job.space.X.shape
+    s = len(job.sample_idx) if job.sample_idx is not None else n
+    if spec.algorithm == "kmeans":
+        fit = n * spec.k * d * 3 * 30.0
+    elif spec.algorithm == "gmm":
+        fit = n * spec.k * d * d * 20.0
+    else:
+        fit = float(s) * s * d
+    return fit + float(len(job.sil_idx)) ** 2 * d
 
 
 # Below this a task's memory is not worth reserving (Ray's scheduler ignores small footprints).
