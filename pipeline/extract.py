@@ -258,7 +258,8 @@ class _Infer:
         bufs = self._local.__dict__.setdefault("pinned", {})
         buf = bufs.get(key)
         if buf is None or buf.numel() < rows.size:
-            buf = bufs[key] = torch.empty(rows.size, dtype=torch.uint8, pin_memory=True)
+            buf = bufs[key] = torch.empty(rows.size, dtype=torch.uint8,
+                                          pin_memory=self.device.type == "cuda")
         host = buf[:rows.size].view(rows.shape)
         np.copyto(host.numpy(), rows)
         return host

@@ -253,7 +253,10 @@ def test_clear_errors_for_missing_inputs(tmp_path, ray_session):
         with pytest.raises(WeightsError, match="facenet-pytorch"):
             extract.run(face)
     hog = small_cfg(tmp_path, "extract.cpus_per_actor=2")
-    with pytest.raises(ValueError, match="needs 2.5 CPUs"):
+    from pipeline.resources import ResourceError
+
+    with pytest.raises(ResourceError, match=r"1 x \{CPU: 2\} \+ 1 x \{CPU: 0.5\}.*nodes hold "
+                                            r"\{CPU: 2, GPU: 0\}"):
         extract.run(hog)
 
 
@@ -292,6 +295,13 @@ def test_actor_inputs_match_the_reference_normalisation(tmp_path):
     ref = (torch.from_numpy(imgs[[0, 2]]).permute(0, 3, 1, 2).float() / 255 - m) / s
     assert torch.allclose(xa, ref, atol=1e-5)
     assert xa.is_contiguous(memory_format=torch.channels_last)
+    # the GPU path's staging buffer (pinned there, ordinary here): one per thread, reused, grown
+    rows = extract.pixel_rows(batch["px32"], 32)
+    first = inf._staged("attr", rows)
+    assert np.array_equal(first.numpy(), rows)
+    assert inf._staged("attr", rows[:1]).data_ptr() == first.data_ptr()
+    assert np.array_equal(inf._staged("attr", np.concatenate([rows] * 3)).numpy()[4:],
+                          rows)
     out = inf(batch)
     assert out["p_Male"].null_count == 1 and out["embedding"].null_count == 1
     assert out["p_Male"][1].as_py() is None and out["p_Male"][0].as_py() is not None
