@@ -275,10 +275,12 @@ def test_sweep_chunks_partition_the_specs_and_ray_matches_the_loop(ray_session):
 
     cfg = tiny_config(__import__("pathlib").Path("/nonexistent"), "cluster.k_max=5")
     r = np.random.default_rng(0)
-    X = (r.normal(0, 3, (3, 4))[r.integers(0, 3, 300)] + r.normal(0, 1, (300, 4))).astype(np.float32)
+    X = r.normal(0, 3, (3, 4))[r.integers(0, 3, 300)] + r.normal(0, 1, (300, 4))
+    X = X.astype(np.float32)
     job = SpaceJob(Space("s", np.arange(300).astype(str).astype(object), X, list("abcd")),
                    {"t": r.integers(0, 2, 300).astype(np.int8)},
-                   _seeded_sample(0, 300, 100, "sample", "s"), _seeded_sample(0, 300, 100, "sil", "s"))
+                   _seeded_sample(0, 300, 100, "sample", "s"),
+                   _seeded_sample(0, 300, 100, "sil", "s"))
     specs, _ = sweep_specs(cfg, job)
     chunks = _chunks(job, specs, 3)
     assert len(chunks) == 3 and sorted(map(id, sum(chunks, []))) == sorted(map(id, specs))

@@ -17,8 +17,8 @@ then prints one table and the projection of the stages' rates to all 202,599 Cel
 It reuses the train and extract benchmarks' functions (``pipeline.benchmarks.train`` /
 ``extract``), so the numbers mean what theirs mean. Weights are random-init (``pretrained`` and
 ``embedding_weights`` = "none": same arithmetic, no download). The real images sit in one official
-partition, so the benchmark re-splits them by identity (seeded, about 10 % of the rows to val and 10 % to test) in its
-scratch manifest; outputs go to a temporary root, never the config's.
+partition, so the benchmark re-splits them by identity (seeded, about 10 % of the rows to val
+and 10 % to test) in its scratch manifest; outputs go to a temporary root, never the config's.
 """
 
 from __future__ import annotations
