@@ -158,6 +158,9 @@ class TrainConfig(_Section):
     model_from: str = ""
     # Batches each training worker's Ray Data iterator prepares ahead of the step (collate, pin).
     prefetch_batches: int = Field(default=4, ge=1)
+    # Training arithmetic: "auto" = bf16 autocast on GPUs that have it (fp16 with a loss scaler
+    # on older ones, float32 on CPU); "fp32" = float32 everywhere (the GPU benchmark's reference).
+    precision: Literal["auto", "fp32"] = "auto"
 
     @field_validator("use_gpu", mode="before")
     @classmethod

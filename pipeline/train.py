@@ -169,9 +169,9 @@ def _run(cfg: Config, *, fail_after_epoch: int | None = None) -> dict:
     loop_config = {
         "attributes": attributes, "image_size": t.image_size, "epochs": t.epochs,
         "batch_size": t.batch_size, "lr": t.lr, "weight_decay": t.weight_decay,
-        "schedule": t.schedule, "pos_weight": pos_weight, "augment": t.augment,
-        "pretrained": t.pretrained, "arch": t.arch, "storage": cfg.storage.model_dump(),
-        "download_weights": cfg.weights.download,
+        "schedule": t.schedule, "precision": t.precision, "pos_weight": pos_weight,
+        "augment": t.augment, "pretrained": t.pretrained, "arch": t.arch,
+        "storage": cfg.storage.model_dump(), "download_weights": cfg.weights.download,
         "seed": cfg.run.seed, "steps_per_epoch": steps_per_epoch,
         "max_steps_per_epoch": t.max_steps_per_epoch, "drop_last": drop_last,
         "shuffle_buffer": t.shuffle_buffer_batches * t.batch_size,
@@ -761,12 +761,13 @@ class _Normalize:
         return torch.addcmul(self.shift, x.float(), self.scale)
 
 
-def _amp_policy(device) -> tuple[Any, bool]:
+def _amp_policy(device, precision: str = "auto") -> tuple[Any, bool]:
     """(autocast dtype or None, use a GradScaler): bf16 without a scaler on GPUs that have it
-    (Ampere and later), fp16 with a scaler on older GPUs, float32 on CPU."""
+    (Ampere and later), fp16 with a scaler on older GPUs, float32 on CPU or when ``precision``
+    is "fp32"."""
     import torch
 
-    if device.type != "cuda":
+    if device.type != "cuda" or precision == "fp32":
         return None, False
     if torch.cuda.is_bf16_supported():
         return torch.bfloat16, False
@@ -839,7 +840,7 @@ def _train_loop(c: dict) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=c["lr"], weight_decay=c["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: _lr_factor(s, total_steps, c["schedule"]))
-    amp_dtype, use_scaler = _amp_policy(device)
+    amp_dtype, use_scaler = _amp_policy(device, c["precision"])
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     start_epoch, step, history = 1, 0, []
     if state is not None:

@@ -267,3 +267,24 @@ def test_ward_tasks_reserve_memory_for_their_distance_matrix():
     assert _memory_request(spec("agglomerative"), big) == 20_000 ** 2 * 8
     assert _memory_request(spec("agglomerative"), small) == 0  # below the floor: no reservation
     assert _memory_request(spec("kmeans"), big) == 0
+
+
+def test_sweep_chunks_partition_the_specs_and_ray_matches_the_loop(ray_session):
+    from pipeline.cluster._spaces import Space
+    from pipeline.cluster._stage import SpaceJob, _chunks, _seeded_sample, run_sweep, sweep_specs
+
+    cfg = tiny_config(__import__("pathlib").Path("/nonexistent"), "cluster.k_max=5")
+    r = np.random.default_rng(0)
+    X = r.normal(0, 3, (3, 4))[r.integers(0, 3, 300)] + r.normal(0, 1, (300, 4))
+    X = X.astype(np.float32)
+    job = SpaceJob(Space("s", np.arange(300).astype(str).astype(object), X, list("abcd")),
+                   {"t": r.integers(0, 2, 300).astype(np.int8)},
+                   _seeded_sample(0, 300, 100, "sample", "s"),
+                   _seeded_sample(0, 300, 100, "sil", "s"))
+    specs, _ = sweep_specs(cfg, job)
+    chunks = _chunks(job, specs, 3)
+    assert len(chunks) == 3 and sorted(map(id, sum(chunks, []))) == sorted(map(id, specs))
+    seq = run_sweep([job], {"s": specs}, parallel=False)
+    par = run_sweep([job], {"s": specs}, parallel=True)
+    assert [a[0]["k"] for a in seq] == [b[0]["k"] for b in par]  # spec order kept
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(seq, par))

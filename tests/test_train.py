@@ -260,7 +260,7 @@ def test_benchmark_baseline_runs_on_the_device_it_is_given(tmp_path):
 
     cfg = tiny_config(tmp_path, "train.batch_size=4")
     m = write_tiny_manifest(cfg, 8)
-    res = bench._baseline(cfg, m, ["Male", "Smiling"], steps=1, device=torch.device("cpu"))
+    res = bench.baseline_loop(cfg, m, ["Male", "Smiling"], steps=1, device=torch.device("cpu"))
     assert res["device"] == "cpu" and res["images_per_s"] > 0
     with pytest.raises((RuntimeError, AssertionError, ValueError)):
-        bench._baseline(cfg, m, ["Male"], steps=1, device=torch.device("meta"))
+        bench.baseline_loop(cfg, m, ["Male"], steps=1, device=torch.device("meta"))

@@ -1,4 +1,5 @@
-"""`python -m jobs.benchmark cluster [--config FILE] [-- --rows N --dim D --spaces S --full-n N]`
+"""`python -m jobs.benchmark cluster [--config FILE] [-- --rows N --dim D --spaces S --full-n N
+--repeat R --threaded false]`
 
 Two measurements on generated data (no inputs needed, so it runs anywhere):
 
@@ -11,8 +12,11 @@ Two measurements on generated data (no inputs needed, so it runs anywhere):
    each). The one-thread loop is the fair baseline for the parallelism itself; the gap between
    the two loops is oversubscription (OpenMP threads spinning on busy cores), which on a
    loaded machine is large. Ray's workers are started before the clock starts (a warm-up task
-   per CPU), so the Ray time is the sweep itself plus ``ray.put``. The load average is
+   per CPU that imports the sweep's libraries, as the loop's process has), so the Ray time is
+   the sweep itself plus ``ray.put``. The load average is
    reported because shared machines make every number here noisy.
+   The one-thread loop and Ray alternate ``repeat`` times (medians kept, each pair reported):
+   the load moves by several x within minutes. ``--threaded false`` skips the threaded loop.
    All paths run the same function on the same seeds; the result says whether Ray's labels equal
    the one-thread loop's exactly and how close (ARI) they are to the multi-threaded loop's.
 2. **Full-N fit.** K-Means on a ``full_n`` x 50 matrix (CelebA's 202,599 rows by default):
@@ -42,8 +46,18 @@ def planted(n: int, dim: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray
     return (centres[truth] + r.normal(0, 1, (n, dim))).astype(np.float32), truth
 
 
+def _warm() -> int:
+    """A Ray worker ready as the loop is: started, with the sweep's libraries imported."""
+    import sklearn.cluster  # noqa: F401
+    import sklearn.metrics  # noqa: F401
+    import sklearn.mixture  # noqa: F401
+
+    return os.getpid()
+
+
 def run(cfg: Config, rows: int = 10000, dim: int = 50, spaces: int = 3, full_n: int = 202599,
-        full_k: int = 5, full_kmeans: bool = False) -> dict:
+        full_k: int = 5, full_kmeans: bool = False, repeat: int = 3,
+        threaded: bool = True) -> dict:
     import ray
 
     from pipeline.ray_runtime import cluster_cpus, ensure_ray
@@ -65,28 +79,40 @@ def run(cfg: Config, rows: int = 10000, dim: int = 50, spaces: int = 3, full_n: 
     from threadpoolctl import threadpool_limits
 
     load_before = os.getloadavg()[0]
-    t0 = time.perf_counter()
-    seq = run_sweep(jobs, specs, parallel=False)
-    seq_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    with threadpool_limits(1):
-        seq1 = run_sweep(jobs, specs, parallel=False)
-    seq1_s = time.perf_counter() - t0
+    seq_s = None
+    if threaded:
+        t0 = time.perf_counter()
+        seq = run_sweep(jobs, specs, parallel=False)
+        seq_s = time.perf_counter() - t0
 
     ensure_ray(cfg)
     cpus = cluster_cpus()
-    warm = ray.remote(num_cpus=c.cpus_per_task)(lambda: os.getpid())
+    warm = ray.remote(num_cpus=c.cpus_per_task)(_warm)
     ray.get([warm.remote() for _ in range(max(1, int(cpus / c.cpus_per_task)))])
-    t0 = time.perf_counter()
-    par = run_sweep(jobs, specs, parallel=True, cpus_per_task=c.cpus_per_task)
-    ray_s = time.perf_counter() - t0
+    # one-thread loop and Ray alternate ``repeat`` times: on a shared machine the load moves by
+    # several x within minutes, so each pair is measured close together and the median kept
+    seq1_times, ray_times, loads = [], [], []
+    for _ in range(max(1, int(repeat))):
+        loads.append(os.getloadavg()[0])
+        t0 = time.perf_counter()
+        with threadpool_limits(1):
+            seq1 = run_sweep(jobs, specs, parallel=False)
+        seq1_times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        par = run_sweep(jobs, specs, parallel=True, cpus_per_task=c.cpus_per_task)
+        ray_times.append(time.perf_counter() - t0)
+    seq1_s, ray_s = float(np.median(seq1_times)), float(np.median(ray_times))
+    pair_speedups = [a / b for a, b in zip(seq1_times, ray_times)]
+    load_after = os.getloadavg()[0]
+    fits = [r[0]["fit_seconds"] for r in seq1]
     from sklearn.metrics import adjusted_rand_score
 
     # Ray tasks and the one-thread loop do the same arithmetic, so their labels must match
     # exactly; the multi-threaded loop sums in another order, which can move a few borderline
     # rows (or relabel clusters), so it is compared by ARI.
     same_1thread = all(np.array_equal(b[1], c1[1]) for b, c1 in zip(par, seq1))
-    min_ari_threaded = min(adjusted_rand_score(a[1], b[1]) for a, b in zip(seq, par))
+    min_ari_threaded = (min(adjusted_rand_score(a[1], b[1]) for a, b in zip(seq, par))
+                        if threaded else None)
 
     X, _ = planted(full_n, 50, full_k, derive_seed(cfg.run.seed, "bench", "cluster", "full"))
     seed = derive_seed(cfg.run.seed, "bench", "cluster", "full", "fit")
@@ -107,15 +133,22 @@ def run(cfg: Config, rows: int = 10000, dim: int = 50, spaces: int = 3, full_n: 
 
     return {
         "machine": {"os_cpus": os.cpu_count(), "ray_cpus": cpus,
-                    "cpus_per_task": c.cpus_per_task, "load_average_1min": round(load_before, 1)},
+                    "cpus_per_task": c.cpus_per_task, "load_average_1min": round(load_before, 1),
+                    "load_average_1min_after": round(load_after, 1)},
         "sweep": {"spaces": spaces, "rows": rows, "dim": dim, "algorithms": c.algorithms,
                   "k": [c.k_min, c.k_max], "tasks": n_tasks,
-                  "sequential_seconds": round(seq_s, 2),
+                  "sequential_seconds": None if seq_s is None else round(seq_s, 2),
                   "sequential_1thread_seconds": round(seq1_s, 2),
                   "ray_seconds": round(ray_s, 2),
-                  "speedup_vs_sequential": round(seq_s / ray_s, 2),
+                  "speedup_vs_sequential": None if seq_s is None else round(seq_s / ray_s, 2),
                   "speedup_vs_sequential_1thread": round(seq1_s / ray_s, 2),
+                  "repeat": len(pair_speedups),
+                  "speedup_vs_1thread_each_pair": [round(x, 2) for x in pair_speedups],
+                  "load_average_1min_each_pair": [round(x, 1) for x in loads],
+                  "fit_seconds_1thread_sum": round(sum(fits), 2),
+                  "fit_seconds_1thread_longest": round(max(fits), 2),
                   "labels_identical_ray_vs_1thread": same_1thread,
-                  "min_ari_ray_vs_threaded": round(float(min_ari_threaded), 4)},
+                  "min_ari_ray_vs_threaded": (None if min_ari_threaded is None
+                                              else round(float(min_ari_threaded), 4))},
         "full_n_fit": {"rows": full_n, "dim": 50, "k": full_k, **full},
     }

@@ -46,10 +46,10 @@ def run(cfg: Config, steps: int = 20, eval_rows: int = 64) -> dict:
                          f"{cfg.train.batch_size} x {world} worker(s)); the "
                          f"manifest has {splits['train'].num_rows}: lower --steps")
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
-        stage = _stage(cfg, manifest, steps, eval_rows, tmp)
+        stage = stage_throughput(cfg, manifest, steps, eval_rows, tmp)
     # the baseline runs where the stage's workers run (a CPU baseline says nothing on a GPU node)
     device = torch.device("cuda" if use_gpu else "cpu")
-    base = _baseline(cfg, splits["train"], attributes, steps, device)
+    base = baseline_loop(cfg, splits["train"], attributes, steps, device)
     ratio = stage["images_per_s"] / base["images_per_s"]
     # A second baseline with as many torch threads as the stage's training workers hold CPUs:
     # the stage reserves the rest of the machine for Ray Data decoding, so this one compares
@@ -58,7 +58,7 @@ def run(cfg: Config, steps: int = 20, eval_rows: int = 64) -> dict:
     same = max(1, int(world * cfg.train.cpus_per_worker))
     torch.set_num_threads(same)
     try:
-        base_same = _baseline(cfg, splits["train"], attributes, steps, device)
+        base_same = baseline_loop(cfg, splits["train"], attributes, steps, device)
     finally:
         torch.set_num_threads(all_threads)
     ratio_same = stage["images_per_s"] / base_same["images_per_s"]
@@ -73,8 +73,9 @@ def run(cfg: Config, steps: int = 20, eval_rows: int = 64) -> dict:
             "ratio_same_cpus": round(ratio_same, 3)}
 
 
-def _stage(cfg: Config, manifest: pa.Table, steps: int, eval_rows: int, tmp: str) -> dict:
-    """One epoch of ``steps`` steps through the real stage, in a scratch output root."""
+def stage_throughput(cfg: Config, manifest: pa.Table, steps: int, eval_rows: int, tmp: str) -> dict:
+    """One epoch of ``steps`` steps through the real stage, in a scratch output root (public:
+    the GPU benchmark reuses it)."""
     data = cfg.model_dump(mode="json")
     data["output"]["root"] = tmp
     data["train"].update(epochs=1, max_steps_per_epoch=steps, tune_thresholds=False)
@@ -92,10 +93,11 @@ def _stage(cfg: Config, manifest: pa.Table, steps: int, eval_rows: int, tmp: str
             "num_workers": result["num_workers"], "use_gpu": result["use_gpu"]}
 
 
-def _baseline(cfg: Config, rows: pa.Table, attributes: list[str], steps: int,
+def baseline_loop(cfg: Config, rows: pa.Table, attributes: list[str], steps: int,
               device=None) -> dict:
     """The same work in one process: Dataset over the files, DataLoader(num_workers=0), the
-    model on ``device`` (the stage's) with the stage's precision policy."""
+    model on ``device`` (the stage's) with the stage's precision policy (``train.precision``).
+    Public: the GPU benchmark reuses it."""
     import torch
     from torch import nn
     from torch.utils.data import DataLoader, Dataset
@@ -123,7 +125,7 @@ def _baseline(cfg: Config, rows: pa.Table, attributes: list[str], steps: int,
     device = device or torch.device("cpu")
     model = build_attribute_model(len(attributes), t.pretrained, cfg.storage) \
         .to(device, memory_format=torch.channels_last)
-    amp_dtype, use_scaler = train._amp_policy(device)
+    amp_dtype, use_scaler = train._amp_policy(device, t.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     loss_fn = nn.BCEWithLogitsLoss()
