@@ -267,3 +267,17 @@ def test_ward_tasks_reserve_memory_for_their_distance_matrix():
     assert _memory_request(spec("agglomerative"), big) == 20_000 ** 2 * 8
     assert _memory_request(spec("agglomerative"), small) == 0  # below the floor: no reservation
     assert _memory_request(spec("kmeans"), big) == 0
+
+
+def test_map_of_identical_rows_does_not_crash_the_worker():
+    """sklearn's Barnes-Hut t-SNE divides by a zero spread and segfaults on identical rows
+    (seen with a barely trained attribute model at scale); the map must draw them at one point."""
+    import subprocess
+    import sys
+
+    code = ("import numpy as np; from pipeline.cluster._describe import embed_2d; "
+            "xy = embed_2d(np.ones((300, 5), np.float32), 'tsne', 0); "
+            "assert xy.shape == (300, 2) and not np.isnan(xy).any(); print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -146,6 +146,11 @@ def embed_2d(X: np.ndarray, method: str, seed: int) -> np.ndarray:
     from sklearn.manifold import TSNE
 
     m = X.shape[0]
+    spread = float(np.ptp(X, axis=0).max()) if m else 0.0
+    if spread <= 1e-9 * max(1.0, float(np.abs(X).max()) if m else 1.0):
+        # Identical rows carry no map; sklearn's Barnes-Hut t-SNE divides by their zero spread
+        # and then crashes its worker (SIGSEGV in the quad tree), so draw them at one point.
+        return np.zeros((m, 2), np.float32)
     perplexity = float(min(30.0, max(2.0, (m - 1) / 3)))  # sklearn needs perplexity < rows
     return TSNE(n_components=2, init="pca", perplexity=perplexity,
                 random_state=seed).fit_transform(X).astype(np.float32)
