@@ -275,9 +275,14 @@ def test_map_of_identical_rows_does_not_crash_the_worker():
     import subprocess
     import sys
 
-    code = ("import numpy as np; from pipeline.cluster._describe import embed_2d; "
-            "xy = embed_2d(np.ones((300, 5), np.float32), 'tsne', 0); "
-            "assert xy.shape == (300, 2) and not np.isnan(xy).any(); print('ok')")
+    code = ("import numpy as np; from pipeline.cluster._describe import embed_2d\n"
+            "same = np.ones((300, 5), np.float32)\n"  # crashed sklearn outright
+            "ulp = np.full((300, 39), 0.37, np.float32)\n"  # float32 noise only, as observed
+            "ulp[::7, 3] = np.nextafter(np.float32(0.37), np.float32(1))\n"
+            "for X in (same, ulp):\n"
+            "    xy = embed_2d(X, 'tsne', 0)\n"
+            "    assert xy.shape == (300, 2) and (xy == 0).all()\n"
+            "print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
