@@ -75,9 +75,10 @@ def layout_celeba(dest: Path, n: int, annotations: Path, images_from: Path) -> P
 def _spilled_mib() -> float:
     """Object-store bytes spilled to disk so far in this cluster (Ray's memory summary)."""
     try:
+        import ray
         from ray._private.internal_api import memory_summary
 
-        text = memory_summary(stats_only=True)
+        text = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
     except Exception:  # noqa: BLE001 - a benchmark metric, not a result: absent -> NaN
         return float("nan")
     m = re.search(r"Spilled (\d+) MiB", text)
