@@ -39,6 +39,17 @@ def pss_bytes(pid: int) -> tuple[int, int]:
     return pss, anon
 
 
+def _dir_bytes(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass  # removed between listing and stat
+    return total
+
+
 class MemorySampler(threading.Thread):
     """Samples the tree every ``interval_s``; ``peak_driver`` / ``peak_total`` / ``peak_anon``.
 
@@ -46,9 +57,12 @@ class MemorySampler(threading.Thread):
     Use as a context manager around the work to measure.
     """
 
-    def __init__(self, interval_s: float = 0.5):
+    def __init__(self, interval_s: float = 0.5, pid: int | None = None, watch_dir: str = ""):
         super().__init__(daemon=True)
         self.interval_s = interval_s
+        self.pid = pid or os.getpid()  # the driver: the tree's root
+        self.watch_dir = watch_dir  # a folder whose peak size is sampled too (Ray's spill dir)
+        self.peak_dir = 0
         self.peak_total = 0
         self.peak_anon = 0
         self.peak_driver = 0
@@ -56,9 +70,8 @@ class MemorySampler(threading.Thread):
         self._halt = threading.Event()
 
     def sample(self) -> None:
-        me = os.getpid()
         kids = _children()
-        todo, pids = [me], []
+        todo, pids = [self.pid], []
         while todo:
             p = todo.pop()
             pids.append(p)
@@ -68,6 +81,8 @@ class MemorySampler(threading.Thread):
         self.peak_driver_anon = max(self.peak_driver_anon, sizes[0][1])
         self.peak_total = max(self.peak_total, sum(s[0] for s in sizes))
         self.peak_anon = max(self.peak_anon, sum(s[1] for s in sizes))
+        if self.watch_dir:
+            self.peak_dir = max(self.peak_dir, _dir_bytes(self.watch_dir))
 
     def run(self) -> None:
         while not self._halt.is_set():

@@ -11,10 +11,12 @@ per file; 202,599 ids over 10,000 files is ~20 each). The smaller run takes ever
 so both keep the official train/val/test proportions. The folder is kept in ``--workdir`` and
 reused by later runs.
 
-Per stage and size it records: wall seconds, the stage's row counts, peak PSS and anonymous PSS
-of the driver and of the driver plus every Ray process, Ray's object-store spill, and the bytes
-the stage wrote. Then the ratios (big / small) against the goals: driver peak <= 1.5x, time <=
-12x for 10x the images. It also sizes the report's HTML and times a headless Chromium opening it.
+Each stage runs as its own job process (``python -m jobs.<stage> --force``, as a user runs it),
+so one stage's imports and heap never count for the next. Per stage and size it records: the
+stage's own seconds from run.json, the stage's row counts, peak PSS and anonymous PSS of the
+driver and of the driver plus every Ray process, the peak size of Ray's object-store spill
+folder, and the bytes the stage wrote. Then the ratios (big / small) against the goals: driver
+peak <= 1.5x, time <= 12x for 10x the images. It also sizes the report's HTML and times a headless Chromium opening it.
 
 Images and ids are real but identities are not (an image is filed under ~20 ids of different
 people), so the pixel-based numbers here measure cost, not quality.
@@ -22,11 +24,13 @@ people), so the pixel-based numbers here measure cost, not quality.
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
 import os
-import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -72,19 +76,6 @@ def layout_celeba(dest: Path, n: int, annotations: Path, images_from: Path) -> P
     return dest
 
 
-def _spilled_mib() -> float:
-    """Object-store bytes spilled to disk so far in this cluster (Ray's memory summary)."""
-    try:
-        import ray
-        from ray._private.internal_api import memory_summary
-
-        text = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
-    except Exception:  # noqa: BLE001 - a benchmark metric, not a result: absent -> NaN
-        return float("nan")
-    m = re.search(r"Spilled (\d+) MiB", text)
-    return float(m.group(1)) if m else 0.0
-
-
 def _tree_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -105,27 +96,54 @@ def _browser_open_s(index: Path) -> float | None:
     return round(took, 2) if proc.returncode == 0 else None
 
 
+def _stage_command(name: str, config: Path) -> list[str]:
+    if importlib.util.find_spec(f"jobs.{name}") is None:
+        raise RuntimeError(f"stage {name!r} has no job module jobs.{name}")
+    return [sys.executable, "-m", f"jobs.{name}", "--config", str(config), "--force"]
+
+
 def run_size(cfg, root: Path, out: Path) -> list[dict]:
-    """Every stage on the folder ``root``, one row per stage."""
+    """Every stage on the folder ``root``, each as its own job process (as a user runs
+    ``python -m jobs.<stage>``), so one stage's imports and heap never count for the next.
+
+    Times are the stage's own ``seconds`` from run.json (not the process's start-up or Ray's);
+    memory is sampled over the job's process tree (the driver and the Ray it starts).
+    """
+    from pipeline import runlog
     from pipeline.benchmarks.memory import MemorySampler
-    from pipeline.run import STAGES, run_stage
+    from pipeline.config import dump_toml
+    from pipeline.run import STAGES
 
     scfg = cfg.model_copy(deep=True)
     scfg.data.root, scfg.data.dataset, scfg.data.limit = str(root), "celeba", 0
     scfg.output.root = str(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = out.parent / f"{out.name}.toml"
+    config.write_text(dump_toml(scfg))
     rows = []
     for stage in STAGES:
-        before_bytes = _tree_bytes(out) if out.exists() else 0
-        spill0 = _spilled_mib() if stage.needs_ray else float("nan")
-        with MemorySampler(0.25) as mem:
-            t0 = time.perf_counter()
-            result = run_stage(scfg, stage.name, force=True)
-            wall = time.perf_counter() - t0
-        row = {"stage": stage.name, "seconds": round(wall, 1), **mem.mib(),
-               "spilled_mib": (_spilled_mib() - spill0) if stage.needs_ray else 0.0,
-               "written_mib": round((_tree_bytes(out) - before_bytes) / 2**20, 1)}
-        row["counts"] = {k: v for k, v in result.items()
-                         if isinstance(v, int) and not isinstance(v, bool)}
+        spill = out.parent / f"{out.name}-spill" / stage.name
+        spill.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "RAY_object_spilling_config": json.dumps(
+            {"type": "filesystem", "params": {"directory_path": str(spill)}})}
+        before_bytes = _tree_bytes(out)
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(_stage_command(stage.name, config), env=env)
+        with MemorySampler(0.25, pid=proc.pid, watch_dir=str(spill)) as mem:
+            rc = proc.wait()
+        wall = time.perf_counter() - t0
+        record = runlog.stage_record(scfg, stage.name) or {}
+        if rc != 0:
+            raise RuntimeError(f"[bench scale] {stage.name} failed (exit {rc}) on {root}; "
+                               f"run.json says: {record.get('error')}")
+        details = record.get("details") or {}
+        row = {"stage": stage.name, "status": record.get("status"),
+               "seconds": round(float(record.get("seconds") or wall), 1),
+               "process_seconds": round(wall, 1), **mem.mib(),
+               "spilled_mib": round(mem.peak_dir / 2**20, 1),
+               "written_mib": round((_tree_bytes(out) - before_bytes) / 2**20, 1),
+               "counts": {k: v for k, v in details.items()
+                          if isinstance(v, int) and not isinstance(v, bool)}}
         rows.append(row)
         log.info("[bench scale] %s: %s", stage.name, row)
     index = out / "report" / "index.html"
@@ -138,13 +156,10 @@ def run_size(cfg, root: Path, out: Path) -> list[dict]:
 
 def run(cfg, images: int = 202599, compare: int = 20000, workdir: str = "",
         annotations: str = "", images_from: str = "", keep: bool = True) -> dict:
-    from pipeline.ray_runtime import ensure_ray
-
     annotations_dir = Path(annotations) if annotations else _SHARED / "celeba-full"
     images_dir = Path(images_from) if images_from else _SHARED / "celeba" / "img_align_celeba"
     work = Path(workdir) if workdir else Path(tempfile.gettempdir()) / "faceaudit-scale"
     work.mkdir(parents=True, exist_ok=True)
-    ensure_ray(cfg)
     sizes = sorted({int(compare), int(images)})
     results: dict[int, list[dict]] = {}
     for n in sizes:
