@@ -126,6 +126,8 @@ def run_size(cfg, root: Path, out: Path) -> list[dict]:
         spill.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "RAY_object_spilling_config": json.dumps(
             {"type": "filesystem", "params": {"directory_path": str(spill)}})}
+        # a busy machine can miss Ray's 30 s node-registration window at each job's start
+        env.setdefault("RAY_raylet_start_wait_time_s", "180")
         before_bytes = _tree_bytes(out)
         t0 = time.perf_counter()
         proc = subprocess.Popen(_stage_command(stage.name, config), env=env)
