@@ -288,3 +288,20 @@ def test_sweep_chunks_partition_the_specs_and_ray_matches_the_loop(ray_session):
     par = run_sweep([job], {"s": specs}, parallel=True)
     assert [a[0]["k"] for a in seq] == [b[0]["k"] for b in par]  # spec order kept
     assert all(np.array_equal(a[1], b[1]) for a, b in zip(seq, par))
+def test_map_of_identical_rows_does_not_crash_the_worker():
+    """sklearn's Barnes-Hut t-SNE divides by a zero spread and segfaults on identical rows
+    (seen with a barely trained attribute model at scale); the map must draw them at one point."""
+    import subprocess
+    import sys
+
+    code = ("import numpy as np; from pipeline.cluster._describe import embed_2d\n"
+            "same = np.ones((300, 5), np.float32)\n"  # crashed sklearn outright
+            "ulp = np.full((300, 39), 0.37, np.float32)\n"  # float32 noise only, as observed
+            "ulp[::7, 3] = np.nextafter(np.float32(0.37), np.float32(1))\n"
+            "for X in (same, ulp):\n"
+            "    xy = embed_2d(X, 'tsne', 0)\n"
+            "    assert xy.shape == (300, 2) and (xy == 0).all()\n"
+            "print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

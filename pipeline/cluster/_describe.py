@@ -146,6 +146,12 @@ def embed_2d(X: np.ndarray, method: str, seed: int) -> np.ndarray:
     from sklearn.manifold import TSNE
 
     m = X.shape[0]
+    spread = float(np.ptp(X, axis=0).max()) if m else 0.0
+    if spread <= 1e-5 * max(1e-30, float(np.abs(X).max()) if m else 1.0):
+        # Rows identical up to float32 noise (a barely trained model's probabilities) carry no
+        # map, and sklearn's Barnes-Hut t-SNE divides by their zero spread, then crashes its
+        # worker (SIGSEGV in the quad tree, seen at scale): draw them at one point instead.
+        return np.zeros((m, 2), np.float32)
     perplexity = float(min(30.0, max(2.0, (m - 1) / 3)))  # sklearn needs perplexity < rows
     return TSNE(n_components=2, init="pca", perplexity=perplexity,
                 random_state=seed).fit_transform(X).astype(np.float32)

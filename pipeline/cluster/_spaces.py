@@ -57,6 +57,7 @@ class Inputs:
     demographics: dict[str, np.ndarray]  # race/gender/age_bin -> object array (None = unknown)
     features: pa.Table | None  # features rows joined to the manifest, sorted by image_id
     errors: list[dict]  # rows for errors/
+    has_embedding: bool = False  # features/ has an embedding column (streamed, never held whole)
 
 
 def _feature_schema(cfg: Config) -> pa.Schema | None:
@@ -106,9 +107,9 @@ def load_inputs(cfg: Config, need_embedding: bool) -> Inputs:
     features = None
     fschema = _feature_schema(cfg)
     if fschema is not None:
+        # The embedding is streamed by build_embedding (it is the one column that grows with
+        # n x d: 1 GB at 202,599 x 1280); the driver holds only ids and probabilities here.
         cols = ["image_id"] + [n for n in fschema.names if n.startswith("p_")]
-        if need_embedding and "embedding" in fschema.names:
-            cols.append("embedding")
         features = tables.read(cfg, "features", columns=cols).sort_by("image_id")
         fids = np.asarray(features["image_id"].to_pylist(), dtype=object)
         known = np.isin(fids, ids)
@@ -121,7 +122,8 @@ def load_inputs(cfg: Config, need_embedding: bool) -> Inputs:
         if dup:
             raise ValueError("features table has duplicate image_id values; rerun the extract "
                              "stage (--force extract)")
-    return Inputs(ids, attrs, truth, valid, demographics, features, errors)
+    has_embedding = bool(need_embedding and fschema is not None and "embedding" in fschema.names)
+    return Inputs(ids, attrs, truth, valid, demographics, features, errors, has_embedding)
 
 
 def _age_bin(age) -> str | None:
@@ -190,27 +192,73 @@ def embedding_matrix(col: pa.ChunkedArray) -> np.ndarray:
     return flat.reshape(len(arr), d)
 
 
+# Rows of features/ per streamed batch: 16,384 x 2048-d float32 is 128 MiB at most.
+EMBEDDING_BATCH_ROWS = 16384
+
+
+def _embedding_batches(cfg: Config, inp: Inputs):
+    """(positions in ``inp.features``, (m, d) float32 matrix) per batch of features/ rows.
+
+    Rows whose id is not in ``inp.features`` (no manifest row: already an errors/ row) are left
+    out, so positions index the sorted ids the other spaces use.
+    """
+    loc = tables.location(cfg, "features")
+    ds = pads.dataset(storage.parquet_files(loc), filesystem=loc.fs, format="parquet")
+    value_set = inp.features["image_id"].combine_chunks()
+    for batch in ds.to_batches(columns=["image_id", "embedding"],
+                               batch_size=EMBEDDING_BATCH_ROWS):
+        if batch.num_rows == 0:
+            continue
+        pos = pc.index_in(batch.column(0), value_set=value_set)
+        keep = pc.is_valid(pos)
+        if not pc.all(keep).as_py():
+            batch, pos = batch.filter(keep), pos.filter(keep)
+        yield (pos.to_numpy(zero_copy_only=False).astype(np.int64),
+               embedding_matrix(pa.chunked_array([batch.column(1)])))
+
+
 def build_embedding(cfg: Config, inp: Inputs) -> tuple[Space | None, str]:
+    """PCA of the embedding, streamed: three passes over features/ (finite rows, the seeded fit
+    sample, the projection), so the driver never holds the n x d matrix, only n x components."""
     if inp.features is None:
         return None, "no features table (the extract stage has not run)"
-    if "embedding" not in inp.features.column_names:
+    if not inp.has_embedding:
         return None, "the features table has no embedding column"
     from sklearn.decomposition import PCA
 
-    ids = np.asarray(inp.features["image_id"].to_pylist(), dtype=object)
-    E = embedding_matrix(inp.features["embedding"])
-    ok = _finite_rows("embedding", ids, E, inp.errors)
-    E, ids = E[ok], ids[ok]
-    n, d = E.shape
+    ids_all = np.asarray(inp.features["image_id"].to_pylist(), dtype=object)
+    finite = np.zeros(len(ids_all), dtype=bool)
+    d = 0
+    for pos, E in _embedding_batches(cfg, inp):
+        finite[pos] = np.isfinite(E).all(axis=1)
+        d = E.shape[1]
+    for i in np.flatnonzero(~finite):
+        inp.errors.append({"image_id": ids_all[i], "uri": None,
+                           "reason": "non-finite embedding features: left out of the embedding space"})
+    ok_idx = np.flatnonzero(finite)
+    ids = ids_all[ok_idx]
+    n = len(ok_idx)
     if n < 3:
         return None, f"only {n} usable embedding rows"
     fit_n = min(n, cfg.cluster.pca_fit_rows)
-    fit_idx = np.sort(rng(cfg.run.seed, "cluster", "pca").choice(n, fit_n, replace=False))
+    fit_rows = ok_idx[np.sort(rng(cfg.run.seed, "cluster", "pca").choice(n, fit_n, replace=False))]
+    slot = np.full(len(ids_all), -1, dtype=np.int64)  # features row -> row of the fit matrix
+    slot[fit_rows] = np.arange(fit_n)
+    E_fit = np.empty((fit_n, d), dtype=np.float32)
+    for pos, E in _embedding_batches(cfg, inp):
+        s = slot[pos]
+        E_fit[s[s >= 0]] = E[s >= 0]
     comps = min(cfg.cluster.pca_components, d, fit_n)
     pca = PCA(n_components=comps,
-              random_state=derive_seed(cfg.run.seed, "cluster", "pca", "solver")).fit(E[fit_idx])
-    # Apply in blocks so the float64 temporaries of a 2048-d transform stay small.
-    X = np.concatenate([pca.transform(E[i:i + 65536]) for i in range(0, n, 65536)]).astype(np.float32)
+              random_state=derive_seed(cfg.run.seed, "cluster", "pca", "solver")).fit(E_fit)
+    del E_fit
+    row_of = np.full(len(ids_all), -1, dtype=np.int64)  # features row -> row of X
+    row_of[ok_idx] = np.arange(n)
+    X = np.empty((n, comps), dtype=np.float32)
+    for pos, E in _embedding_batches(cfg, inp):
+        r = row_of[pos]
+        good = r >= 0
+        X[r[good]] = pca.transform(E[good])
     info = {"dims": comps, "input_dims": d, "pca_fit_rows": fit_n,
             "pca_explained_variance": round(float(pca.explained_variance_ratio_.sum()), 4)}
     return Space("embedding", ids, X, [f"PC{i + 1}" for i in range(comps)], info), ""
