@@ -260,3 +260,23 @@ def test_report_from_real_stages(tmp_path, ray_session):
     for fig in ("clusters-annotations-mean-faces.png", "classifiers-per-cluster.png",
                 "shap-logistic-regression-none-importance.png", "bias-annotations.png"):
         assert f"figures/{fig}" in html, fig
+
+
+def test_findings_quote_the_audits_label_noise_disparities(full_run):
+    """Findings names every attribute x grouping whose suspected-error rates differ significantly
+    (audit/issue_rates), or says there is none; never silently leaves the audit out."""
+    from pipeline import audit
+
+    cfg, _, index = full_run
+    html = index.read_text()
+    start = html.index('id="findings"')
+    findings = html[start:html.index("<section", start + 1)] if "<section" in html[start + 1:] \
+        else html[start:]
+    assert "Label-noise disparities (data audit)" in findings
+    rates = tables.read(cfg, audit.ISSUE_RATES).to_pandas()
+    sig = rates[rates["significant"].fillna(False).astype(bool)]
+    if len(sig):
+        for (attr, by), _ in sig.groupby(["attribute", "group_by"]):
+            assert f"Label noise in {attr} differs by {by}" in findings, (attr, by)
+    else:
+        assert "no significant difference in suspected label errors" in findings

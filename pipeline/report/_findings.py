@@ -21,9 +21,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from pipeline.audit import ISSUE_RATES as LABEL_ISSUE_RATES
 from pipeline.classify import SEP
 from pipeline.explain import values_schema
 from pipeline.report._context import Context, h, note, require, table_html
+from pipeline.report._quality import label_noise_findings
 
 TITLE = "Findings"
 FINDINGS, METRICS, VALUES, MANIFEST = ("classifiers/findings", "classifiers/metrics",
@@ -54,8 +56,20 @@ def build(ctx: Context) -> list[str]:
     require(m, ("model", "sampling", "trained_on", "evaluated_on", "group_by", "group", "metric",
                 "value", "ci_low", "ci_high", "n"), METRICS)
     writer = _Writer(ctx, f, m)
-    return [writer.summary(), ctx.part("Disparities that survive correction", writer.surviving),
-            ctx.part("Large-looking gaps that do not survive", writer.not_surviving)]
+    out = [writer.summary(), ctx.part("Disparities that survive correction", writer.surviving)]
+    if ctx.table(LABEL_ISSUE_RATES) is not None:
+        out.append(ctx.part("Label-noise disparities (data audit)", lambda: _label_noise(ctx)))
+    return out + [ctx.part("Large-looking gaps that do not survive", writer.not_surviving)]
+
+
+def _label_noise(ctx: Context) -> list[str]:
+    """The audit's significant differences in suspected label errors between groups: a model
+    audited against labels that are wrong more often in one group measures the labels too."""
+    sentences = label_noise_findings(ctx)
+    if not sentences:
+        return [note("The audit found no significant difference in suspected label errors "
+                     "between groups (see Data quality).")]
+    return ["<ul>" + "".join(f"<li>{h(s)}</li>" for s in sentences) + "</ul>"]
 
 
 # -- words ----------------------------------------------------------------------------------------
