@@ -60,7 +60,8 @@ TINY = [
 # Folders each stage writes under output.root (what a forced rerun of the stage must recreate).
 OUTPUTS = {
     "ingest": ["manifest"], "train_attributes": ["models"], "extract": ["features"],
-    "cluster": ["clusters"], "classify": ["classifiers"], "explain": ["shap"], "report": ["report"],
+    "cluster": ["clusters"], "audit": ["audit"], "classify": ["classifiers"], "explain": ["shap"],
+    "report": ["report"],
 }
 STAGE_ORDER = list(OUTPUTS)
 JOB_TIMEOUT_S = 900

@@ -173,9 +173,9 @@ def test_readme_shell_blocks_run_as_written(s3_server, tmp_path):
     import json
 
     run = json.loads((clone / "runs" / "cluster-demo" / "run.json").read_text())
-    assert {s: v["status"] for s, v in run["stages"].items()} == {
-        s: "done" for s in ("ingest", "train_attributes", "extract", "cluster", "classify",
-                            "explain", "report")}
+    from pipeline.run import STAGE_NAMES
+
+    assert {s: v["status"] for s, v in run["stages"].items()} == {s: "done" for s in STAGE_NAMES}
     assert (clone / "runs" / "cluster-demo" / "report" / "index.html").exists()
     info = s3.get_file_info(f"{bucket}/runs/demo/report/index.html")
     assert info.type == pafs.FileType.File, "the S3 block wrote no report"
