@@ -25,73 +25,12 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 
+from pipeline.benchmarks.memory import MemorySampler
+
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------- memory
-
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                kids.setdefault(ppid, []).append(int(d))
-            except (OSError, ValueError, IndexError):
-                pass
-    return kids
-
-
-def _pss_bytes(pid: int) -> tuple[int, int]:
-    """(PSS, anonymous PSS) of a process: anonymous excludes the object store's shared memory,
-    whose touched pages stay mapped up to its configured size whatever is live in it."""
-    pss = anon = 0
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    pss = int(line.split()[1]) * 1024
-                elif line.startswith("Pss_Anon:"):
-                    anon = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return pss, anon
-
-
-class _MemorySampler(threading.Thread):
-    """Peak PSS of this process and all its descendants (the in-process Ray cluster)."""
-
-    def __init__(self, interval_s: float = 0.5):
-        super().__init__(daemon=True)
-        self.interval_s = interval_s
-        self.peak_total = 0
-        self.peak_anon = 0
-        self.peak_driver = 0
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        me = os.getpid()
-        while not self._halt.is_set():
-            kids = _children()
-            todo, pids = [me], []
-            while todo:
-                p = todo.pop()
-                pids.append(p)
-                todo.extend(kids.get(p, []))
-            sizes = [_pss_bytes(p) for p in pids]
-            self.peak_driver = max(self.peak_driver, sizes[0][0])
-            self.peak_total = max(self.peak_total, sum(s[0] for s in sizes))
-            self.peak_anon = max(self.peak_anon, sum(s[1] for s in sizes))
-            self._halt.wait(self.interval_s)
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join()
 
 
 # --------------------------------------------------------------------------- bare models
@@ -126,8 +65,7 @@ def run(cfg, images: int = 0, memory: bool = False, bare_seconds: float = 20.0,
     import ray
 
     from pipeline import extract, storage, tables
-    from pipeline.models import (AttributeModelInfo, build_attribute_model,
-                                 export_attribute_model)
+    from pipeline.models import AttributeModelInfo
     from pipeline.ray_runtime import ensure_ray
 
     tmp = Path(tempfile.mkdtemp(prefix="faceaudit-bench-extract-"))
@@ -149,30 +87,15 @@ def run(cfg, images: int = 0, memory: bool = False, bare_seconds: float = 20.0,
         else:
             man = tables.read(cfg, "manifest")
             tables.replace(bcfg, "manifest", man, schema=man.schema)
-        src = tables.location(cfg, "models/attributes")
+        attr_source = place_attribute_model(cfg, bcfg)
         dst = tables.location(bcfg, "models/attributes")
-        if storage.exists(src.join("model.json")):
-            for name in ("model.pt", "model.json"):
-                storage.write_bytes(dst.join(name), storage.read_bytes(src.join(name)))
-            attr_source = src.uri
-        else:
-            import torch
-
-            torch.manual_seed(cfg.run.seed)
-            man_attrs = [f.name for f in tables.read(bcfg, "manifest").schema
-                         if pa.types.is_boolean(f.type)]
-            export_attribute_model(
-                build_attribute_model(len(man_attrs)),
-                AttributeModelInfo(arch="mobilenet_v2", attributes=man_attrs,
-                                   image_size=cfg.train.image_size, version="random-init"), dst)
-            attr_source = "random-init (no trained model under the config's output root)"
 
         ensure_ray(bcfg)
         n_images = tables.read(bcfg, "manifest", columns=["image_id"]).num_rows
         e = bcfg.extract
 
         # (b) the pipeline, end to end from files
-        sampler = _MemorySampler() if memory else None
+        sampler = MemorySampler() if memory else None
         if sampler:
             sampler.start()
         t0 = time.perf_counter()
@@ -232,6 +155,32 @@ def run(cfg, images: int = 0, memory: bool = False, bare_seconds: float = 20.0,
     finally:
         if not keep:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def place_attribute_model(cfg, bcfg, random_init: bool = False) -> str:
+    """Put an attribute model under the benchmark's root ``bcfg``: the config's trained one when
+    it exists (and ``random_init`` is off), else a seeded random-init MobileNetV2 for the
+    manifest's attributes. Returns where it came from, for the benchmark's output."""
+    import pyarrow as pa
+
+    from pipeline import storage, tables
+    from pipeline.models import AttributeModelInfo, build_attribute_model, export_attribute_model
+
+    src = tables.location(cfg, "models/attributes")
+    dst = tables.location(bcfg, "models/attributes")
+    if not random_init and storage.exists(src.join("model.json")):
+        for name in ("model.pt", "model.json"):
+            storage.write_bytes(dst.join(name), storage.read_bytes(src.join(name)))
+        return src.uri
+    import torch
+
+    torch.manual_seed(cfg.run.seed)
+    attrs = [f.name for f in tables.read(bcfg, "manifest").schema if pa.types.is_boolean(f.type)]
+    export_attribute_model(
+        build_attribute_model(len(attrs)),
+        AttributeModelInfo(arch="mobilenet_v2", attributes=attrs, image_size=cfg.train.image_size,
+                           version="random-init"), dst)
+    return "random-init (no trained model under the config's output root)"
 
 
 def _first_commit_time(cfg, t0: float) -> float | None:

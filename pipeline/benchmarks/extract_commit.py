@@ -26,10 +26,8 @@ log = logging.getLogger(__name__)
 
 def run(cfg, images: int = 400, rows_per_file: int = 40, delay: float = 0.5,
         keep: bool = False) -> dict:
-    import pyarrow as pa
-
-    from pipeline import extract, ingest, tables
-    from pipeline.models import AttributeModelInfo, build_attribute_model, export_attribute_model
+    from pipeline import extract, ingest
+    from pipeline.benchmarks.extract import place_attribute_model
     from pipeline.ray_runtime import ensure_ray
     from pipeline.sample import make_sample
 
@@ -42,16 +40,7 @@ def run(cfg, images: int = 400, rows_per_file: int = 40, delay: float = 0.5,
                     workers=max(1, min(4, os.cpu_count() or 1)))
         bcfg.data.root, bcfg.data.dataset, bcfg.data.limit = str(tmp / "data"), "celeba", 0
         ingest.run(bcfg)
-        import torch
-
-        torch.manual_seed(cfg.run.seed)
-        attrs = [f.name for f in tables.read(bcfg, "manifest").schema
-                 if pa.types.is_boolean(f.type)]
-        export_attribute_model(
-            build_attribute_model(len(attrs)),
-            AttributeModelInfo(arch="mobilenet_v2", attributes=attrs,
-                               image_size=cfg.train.image_size, version="random-init"),
-            tables.location(bcfg, "models/attributes"))
+        place_attribute_model(cfg, bcfg, random_init=True)
         ensure_ray(bcfg)
 
         real = extract._commit_shard

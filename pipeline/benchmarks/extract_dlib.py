@@ -69,13 +69,11 @@ def _bare(uris: list[str], e, ray) -> dict:
 
 def run(cfg, images: int = 2000, root: str = "", keep: bool = False,
         bare_before: bool = False) -> dict:
-    import pyarrow as pa
     import ray
 
-    from pipeline import extract, ingest, storage, tables
+    from pipeline import extract, ingest, tables
     from pipeline.benchmarks.identity import real_data_root
-    from pipeline.models import (AttributeModelInfo, build_attribute_model,
-                                 export_attribute_model)
+    from pipeline.benchmarks.extract import place_attribute_model
     from pipeline.ray_runtime import ensure_ray
 
     base = Path(root) if root else (real_data_root() or Path("missing")) / "celeba"
@@ -88,23 +86,7 @@ def run(cfg, images: int = 2000, root: str = "", keep: bool = False,
     bcfg.extract.embedding, bcfg.extract.embedding_weights = "dlib", "none"
     try:
         ingest.run(bcfg)
-        src = tables.location(cfg, "models/attributes")
-        dst = tables.location(bcfg, "models/attributes")
-        if storage.exists(src.join("model.json")):
-            for name in ("model.pt", "model.json"):
-                storage.write_bytes(dst.join(name), storage.read_bytes(src.join(name)))
-            attr_source = src.uri
-        else:
-            import torch
-
-            torch.manual_seed(cfg.run.seed)
-            attrs = [f.name for f in tables.read(bcfg, "manifest").schema
-                     if pa.types.is_boolean(f.type)]
-            export_attribute_model(
-                build_attribute_model(len(attrs)),
-                AttributeModelInfo(arch="mobilenet_v2", attributes=attrs,
-                                   image_size=cfg.train.image_size, version="random-init"), dst)
-            attr_source = "random-init (no trained model under the config's output root)"
+        attr_source = place_attribute_model(cfg, bcfg)
         ensure_ray(bcfg)
         e = bcfg.extract
         man = tables.read(bcfg, "manifest", columns=["image_id", "uri"]).sort_by("image_id")
