@@ -13,8 +13,9 @@ What it finds:
 - **Near duplicates**: each image's ``audit.near_neighbours`` nearest others by cosine distance
   of the L2-normalised embedding (PCA to ``audit.near_dims`` first when wider), exact brute-force
   search with scikit-learn in blocks of ``audit.block_rows`` query rows, one Ray task per block;
-  pairs at or below ``audit.near_threshold`` are linked and a connected component holding at
-  least two different files is a near group.
+  pairs at or below ``audit.near_threshold`` form groups greedily, closest pair first, each
+  group growing only through its leader (no chaining); byte-identical files count as one file,
+  so a near group holds at least two different files.
 - **Label conflicts**: a group whose members' annotations differ (every annotated boolean
   attribute, UTKFace's age / gender / race, identity), one row per group × attribute.
 - **Leakage**: exact / near groups and identities (``identity``, or LFW's ``person``) present

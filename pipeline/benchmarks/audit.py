@@ -28,8 +28,9 @@ def run(cfg: Config, rows: int = 202_599, dim: int = 128, sequential: bool = Fal
     a = cfg.audit
     rng = np.random.default_rng(0)
     E = rng.normal(size=(rows, dim)).astype(np.float32)
-    src = rng.choice(rows, size=rows // 100, replace=False)
-    dst = np.roll(src, 1)
+    # disjoint sources and copies, so no copy is itself overwritten as another's source
+    chosen = rng.choice(rows, size=2 * (rows // 200), replace=False)
+    src, dst = chosen[: len(chosen) // 2], chosen[len(chosen) // 2:]
     E[dst] = E[src] + 0.01 * rng.normal(size=(len(src), dim)).astype(np.float32)
     E = normalise(E)
     planted = {(min(s, d), max(s, d)) for s, d in zip(src.tolist(), dst.tolist())}
