@@ -109,24 +109,6 @@ def filesystem(uri: str, cfg: StorageConfig | None = None) -> Location:
     return Location(pafs.LocalFileSystem(), path, path)
 
 
-def fsspec_filesystem(uri: str, cfg: StorageConfig | None = None):
-    """An fsspec filesystem for libraries that want one (same endpoint and credentials)."""
-    import fsspec
-
-    if not is_s3(uri):
-        return fsspec.filesystem("file")
-    c = cfg or StorageConfig()
-    opts: dict = {}
-    if c.endpoint_url:
-        opts["client_kwargs"] = {"endpoint_url": c.endpoint_url,
-                                 "region_name": c.region or "us-east-1"}
-    if c.access_key_id:
-        opts["key"], opts["secret"] = c.access_key_id, c.secret_access_key
-    elif c.anonymous and not os.environ.get("AWS_ACCESS_KEY_ID"):
-        opts["anon"] = True
-    return fsspec.filesystem("s3", **opts)
-
-
 # pyarrow's S3 errors carry the AWS error code ("AWS Error ACCESS_DENIED during ...", or
 # "AWS Error UNKNOWN (HTTP status 403) ..."); the cause is read from that code, never from
 # words elsewhere in the message (a path such as .../000403.jpg is not a 403).
