@@ -4,9 +4,11 @@ Input (written by the classify stage):
 
 - ``classifiers/dataset``: ``image_id``, ``split``, ``cluster`` (int32, nullable), ``target``,
   then one float64 column per feature.
-- ``classifiers/models``: one row per fitted model: ``model``, ``sampling``, ``trained_on``
-  (``"global"`` or ``"cluster_<c>"``), ``cluster``, ``path`` (skops file, relative to the output
-  root), ``features`` (the model's input columns, in order), ``n_train``, ``target``.
+- ``classifiers/models``: one row per fitted model (:data:`pipeline.classify.MODELS_SCHEMA`, read
+  with :func:`pipeline.classify.read_models`): ``model``, ``sampling``, ``trained_on``
+  (``"global"`` or ``"cluster_<c>"``), ``cluster``, ``path`` (skops file under
+  ``classifiers/model_files/``, relative to the output root), ``features`` (the model's input
+  columns, in order), ``n_train``, ``target``.
 
 Which rows are explained: a global model explains the test rows (all, or a seeded sample of
 ``explain.max_rows``); a cluster-``c`` model explains the test rows of cluster ``c``. All global
@@ -55,7 +57,8 @@ rows x background rows x trees x depth):
 
 Outputs: ``shap/values``, ``shap/importance`` (mean |SHAP| per model x evaluated cluster, with
 rank), ``shap/comparison`` (Kendall's tau and top-k overlap between clusters and against the
-global model), and PNG plots under ``shap/plots/``.
+global model), and PNG beeswarm plots under ``shap/plots/`` named by :func:`beeswarm_name` (the
+report finds them from ``shap/importance`` rows through that function, never by parsing names).
 """
 
 from __future__ import annotations
@@ -75,6 +78,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import modelfiles, storage, tables
+from pipeline.classify import DATASET_TABLE as CLASSIFY_DATASET
+from pipeline.classify import MODELS_TABLE as CLASSIFY_MODELS
+from pipeline.classify import model_key, read_models
 from pipeline.config import Config
 from pipeline.seeds import derive_seed
 
@@ -83,7 +89,15 @@ log = logging.getLogger(__name__)
 VALUES = "shap/values"
 IMPORTANCE = "shap/importance"
 COMPARISON = "shap/comparison"
-PLOTS = "shap/plots"
+PLOTS = "shap/plots"  # PNG figures, not a table
+
+
+def beeswarm_name(model: str, sampling: str, trained_on: str, cluster: int | None) -> str:
+    """File name (under :data:`PLOTS`) of the beeswarm of model ``trained_on`` on ``cluster``'s
+    test rows (None: all rows); one per ``shap/importance`` (model, sampling, trained_on,
+    cluster) that has plotted rows."""
+    where = "all" if cluster is None else f"cluster_{int(cluster)}"
+    return f"beeswarm__{model_key(model, sampling, trained_on)}__{where}.png"
 
 # Columns of shap/values before the per-feature columns.
 _VALUE_BASE_FIELDS = [
@@ -318,25 +332,25 @@ class ModelSpec:
 
     @property
     def label(self) -> str:
-        return f"{self.model}__{self.sampling}__{self.trained_on}"
+        return model_key(self.model, self.sampling, self.trained_on)
 
 
 def _read_specs(cfg: Config) -> list[ModelSpec]:
     from pipeline.run import StageSkipped
 
-    if not tables.exists(cfg, "classifiers/models"):
+    if not tables.exists(cfg, CLASSIFY_MODELS):
         from pipeline import runlog
 
         rec = runlog.stage_record(cfg, "classify") or {}
         if rec.get("status") == "skipped":  # e.g. the target is not annotated in this dataset
             raise StageSkipped("classify was skipped, so there is no classifier to explain ("
                                + str((rec.get("details") or {}).get("reason", "")) + ")")
-        raise ExplainError(f"no classifiers/models table under {cfg.output.root}; run the "
+        raise ExplainError(f"no {CLASSIFY_MODELS} table under {cfg.output.root}; run the "
                            "classify stage first (python -m jobs.classify)")
-    t = tables.read(cfg, "classifiers/models").to_pylist()
-    need = {"model", "sampling", "trained_on", "cluster", "path", "features"}
-    if t and need - set(t[0]):
-        raise ExplainError(f"classifiers/models lacks columns {sorted(need - set(t[0]))}")
+    try:
+        t = read_models(cfg).to_pylist()
+    except ValueError as exc:
+        raise ExplainError(str(exc)) from None
     have_models = sorted({r["model"] for r in t})
     have_samplings = sorted({r["sampling"] for r in t})
     want_models = cfg.explain.models or have_models
@@ -596,8 +610,7 @@ def _plots(units: list[_Unit], top_k: int) -> dict[str, bytes]:
             fig = plt.gcf()
             where = "all rows" if cl is None else f"cluster {cl}"
             fig.axes[0].set_title(f"{model} ({sampling}, {u.spec.trained_on} model): {where}")
-            out[f"beeswarm__{stem}__{u.spec.trained_on}__"
-                f"{'all' if cl is None else f'cluster_{cl}'}.png"] = _png(fig)
+            out[beeswarm_name(model, sampling, u.spec.trained_on, cl)] = _png(fig)
         # Side by side: the union of each column's top-k features, one bar per column.
         cols = []
         if glob is not None and None in glob.sums:
@@ -680,14 +693,14 @@ def run(cfg: Config) -> dict:
     t0 = time.time()
     ec = cfg.explain
     specs = _read_specs(cfg)
-    if not tables.exists(cfg, "classifiers/dataset"):
-        raise ExplainError(f"no classifiers/dataset table under {cfg.output.root}; run the "
+    if not tables.exists(cfg, CLASSIFY_DATASET):
+        raise ExplainError(f"no {CLASSIFY_DATASET} table under {cfg.output.root}; run the "
                            "classify stage first")
     features: list[str] = []
     for s in specs:
         features += [f for f in s.features if f not in features]
     schema = values_schema(features)
-    data = tables.read(cfg, "classifiers/dataset")
+    data = tables.read(cfg, CLASSIFY_DATASET)
     missing = [f for f in features + ["image_id", "split", "cluster"] if f not in data.column_names]
     if missing:
         raise ExplainError(f"classifiers/dataset lacks columns {missing} that the models use")

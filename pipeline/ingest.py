@@ -726,7 +726,9 @@ def run(cfg: Config) -> dict:
         raise ValueError(f"ingest found no usable images under {cfg.data.root} "
                          f"(dataset {cfg.data.dataset}); {errors.num_rows} problems recorded in "
                          f"errors/ (first: {first})")
-    tables.replace(cfg, "manifest", manifest, schema=manifest.schema)
+    # where the images came from, for readers that describe the run (the report's subtitle)
+    tables.replace(cfg, "manifest", manifest, schema=manifest.schema,
+                   metadata={"dataset": cfg.data.dataset, "data_root": cfg.data.root})
     splits = pl.from_arrow(manifest.select(["split"]))["split"].value_counts()
     summary = _summarise(errors)
     if errors.num_rows:

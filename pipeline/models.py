@@ -231,6 +231,9 @@ class AttributeModelInfo:
     version: str = ""
     # What the model was trained on (dataset, data root, split rule, rows per split); {} if unknown.
     trained_on: dict[str, Any] = field(default_factory=dict)
+    # The backbone's initial weights (train.pretrained: none / imagenet / a state dict); "" when
+    # the model.json predates this field.
+    pretrained: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

@@ -91,8 +91,10 @@ def track(cfg: Config, stage: str, fingerprint: str) -> Iterator[dict[str, Any]]
     t0 = time.time()
     update(cfg, stage, status="running", fingerprint=fingerprint,
            started=datetime.now(timezone.utc).isoformat(), error=None)
-    # the config a stage ran with; written once per stage, not on every run.json update
-    storage.write_bytes(tables.root(cfg).join("config.toml"), dump_toml(cfg).encode())
+    # the config a stage ran with; written once per stage, not on every run.json update. Not by
+    # the report: it only describes the tables, so config.toml stays the config that made them.
+    if stage != "report":
+        storage.write_bytes(tables.root(cfg).join("config.toml"), dump_toml(cfg).encode())
     try:
         yield details
     except BaseException as exc:

@@ -27,6 +27,15 @@ def read(cfg: Config, name: str, columns=None, schema: pa.Schema | None = None) 
     return storage.read_table(location(cfg, name), columns=columns, schema=schema)
 
 
+def metadata(cfg: Config, name: str) -> dict[str, str]:
+    """Key-value metadata of table ``name`` (what the owning stage recorded: settings, model
+    names, versions), read from its first Parquet file; ``{}`` when the table is absent."""
+    schema = storage.read_schema(location(cfg, name))
+    md = (schema.metadata if schema is not None else None) or {}
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in md.items()
+            if not k.startswith(b"ARROW:") and k != b"pandas"}
+
+
 def exists(cfg: Config, name: str) -> bool:
     return bool(storage.parquet_files(location(cfg, name)))
 

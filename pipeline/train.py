@@ -57,6 +57,8 @@ RUNS_DIR = "models/attributes/ray_train"
 CHECKPOINT_FILE = "state.pt"
 SCORE = "val_mean_accuracy"  # what "best checkpoint" means
 MEAN_ROW = "__mean__"  # the metrics table's row holding means over attributes
+METRICS = f"{MODEL_DIR}/metrics"  # table: METRICS_SCHEMA
+HISTORY = f"{MODEL_DIR}/history"  # table: HISTORY_SCHEMA
 
 # models/attributes/metrics: one row per attribute on the test split, plus MEAN_ROW.
 METRICS_SCHEMA = pa.schema([
@@ -218,13 +220,13 @@ def _run(cfg: Config, *, fail_after_epoch: int | None = None) -> dict:
             else np.full(len(attributes), 0.5)
         y_test, p_test = preds["test"]
         metrics = _test_metrics(attributes, y_test, p_test, thresholds)
-        tables.replace(cfg, f"{MODEL_DIR}/metrics", metrics, schema=METRICS_SCHEMA)
+        tables.replace(cfg, METRICS, metrics, schema=METRICS_SCHEMA)
         history = pa.Table.from_pylist(latest["history"], schema=HISTORY_SCHEMA)
-        tables.replace(cfg, f"{MODEL_DIR}/history", history, schema=HISTORY_SCHEMA)
+        tables.replace(cfg, HISTORY, history, schema=HISTORY_SCHEMA)
         mean = metrics.filter(pc.equal(metrics["attribute"], MEAN_ROW)).to_pylist()[0]
         best_row = max(latest["history"], key=lambda r: r[SCORE])
         info = AttributeModelInfo(
-            arch=t.arch, attributes=attributes, image_size=t.image_size,
+            arch=t.arch, attributes=attributes, image_size=t.image_size, pretrained=t.pretrained,
             trained_on=_trained_on(cfg, manifest, splits),
             mean=IMAGENET_MEAN, std=IMAGENET_STD, thresholds=[float(x) for x in thresholds],
             metrics={"best_epoch": int(best["epoch"]), SCORE: float(best_row[SCORE]),

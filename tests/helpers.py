@@ -61,5 +61,6 @@ def write_tiny_manifest(cfg: Config, n: int = 48, seed: int = 0,
         rows.append(row)
     schema = manifest_schema()
     table = pa.Table.from_pylist(rows, schema=schema)
-    tables.replace(cfg, "manifest", table, schema=schema)
+    tables.replace(cfg, "manifest", table, schema=schema,
+                   metadata={"dataset": cfg.data.dataset, "data_root": cfg.data.root})  # as ingest
     return table

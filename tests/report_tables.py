@@ -13,8 +13,7 @@ import io
 import numpy as np
 import pyarrow as pa
 
-from pipeline import runlog, storage, tables
-from pipeline.cluster import _schemas as CS
+from pipeline import classify, cluster, explain, runlog, storage, tables
 from pipeline.config import Config
 from tests.helpers import write_tiny_manifest
 
@@ -59,7 +58,8 @@ def write_attribute_model(cfg: Config, rng: np.random.Generator) -> None:
     tables.replace(cfg, "models/attributes/history", pa.Table.from_pylist(hist, HISTORY_SCHEMA),
                    schema=HISTORY_SCHEMA)
     storage.write_json(tables.root(cfg).join("models", "attributes", "model.json"),
-                       {"arch": "mobilenet_v2", "image_size": 32, "attributes": attrs})
+                       {"arch": "mobilenet_v2", "image_size": 32, "attributes": attrs,
+                        "pretrained": cfg.train.pretrained})
 
 
 def write_features(cfg: Config, man: pa.Table, rng: np.random.Generator, dim: int = 8) -> None:
@@ -131,20 +131,28 @@ def write_clusters(cfg: Config, man: pa.Table, rng: np.random.Generator) -> np.n
                                      "count": int(round(sh * size)), "share": float(sh),
                                      "overall": 1.0 / len(cats), "chi2": 4.2, "dof": 2,
                                      "p_value": 0.12})
-    sweep_schema = CS.sweep_schema(ref)
-    tables.replace(cfg, "clusters/sweep", pa.Table.from_pylist(sweep, sweep_schema),
-                   schema=sweep_schema)
-    for name, rows, schema in (("assignments", assign, CS.ASSIGNMENTS_SCHEMA),
-                               ("profiles", profiles, CS.PROFILES_SCHEMA),
-                               ("centroid_distances", dist, CS.CENTROID_DISTANCES_SCHEMA),
-                               ("demographics", demo, CS.DEMOGRAPHICS_SCHEMA)):
-        tables.replace(cfg, f"clusters/{name}", pa.Table.from_pylist(rows, schema), schema=schema)
+    c = cfg.cluster
+    # what the cluster stage records in its tables' metadata, from this config
+    meta = cluster.Settings(spaces=tuple(c.spaces), k_rule=c.k_rule, k=c.k,
+                            primary_space=SPACES[0], primary_algorithm=c.primary_algorithm,
+                            primary_k=CHOSEN_K, profile_source="annotations",
+                            map_method=c.map_method).metadata()
+    sweep_schema = cluster.sweep_schema(ref)
+    tables.replace(cfg, cluster.SWEEP, pa.Table.from_pylist(sweep, sweep_schema),
+                   schema=sweep_schema, metadata=meta)
+    for name, rows, schema in ((cluster.ASSIGNMENTS, assign, cluster.ASSIGNMENTS_SCHEMA),
+                               (cluster.PROFILES, profiles, cluster.PROFILES_SCHEMA),
+                               (cluster.DEMOGRAPHICS, demo, cluster.DEMOGRAPHICS_SCHEMA)):
+        tables.replace(cfg, name, pa.Table.from_pylist(rows, schema), schema=schema, metadata=meta)
+    tables.replace(cfg, cluster.CENTROID_DISTANCES,
+                   pa.Table.from_pylist(dist, cluster.CENTROID_DISTANCES_SCHEMA),
+                   schema=cluster.CENTROID_DISTANCES_SCHEMA)
     cond = [{"attribute": a, "given": b, "p": 1.0 if a == b else float(rng.random()),
              "n_given": 10, "source": "annotations"} for a in attrs for b in attrs]
-    tables.replace(cfg, "clusters/conditional", pa.Table.from_pylist(cond, CS.CONDITIONAL_SCHEMA),
-                   schema=CS.CONDITIONAL_SCHEMA)
+    tables.replace(cfg, cluster.CONDITIONAL, pa.Table.from_pylist(cond, cluster.CONDITIONAL_SCHEMA),
+                   schema=cluster.CONDITIONAL_SCHEMA, metadata=meta)
     prim = pa.table({"image_id": ids, "cluster": pa.array(primary, pa.int32())})
-    tables.replace(cfg, "clusters/primary", prim, schema=CS.PRIMARY_SCHEMA)
+    tables.replace(cfg, cluster.PRIMARY, prim, schema=cluster.PRIMARY_SCHEMA, metadata=meta)
     return primary
 
 
@@ -159,8 +167,7 @@ def _metric_row(rng, model, sampling, trained_on, group_by, group, metric, n):
 
 def write_classifiers(cfg: Config, man: pa.Table, primary: np.ndarray,
                       rng: np.random.Generator) -> None:
-    from pipeline.classify._evaluate import FAIRNESS_GAPS, METRICS
-    from pipeline.classify._stage import METRICS_SCHEMA, PREDICTIONS_SCHEMA
+    from pipeline.classify import FAIRNESS_GAPS, METRICS, METRICS_SCHEMA, PREDICTIONS_SCHEMA
 
     groupings = {"overall": ["all"], "cluster": [str(c) for c in range(CHOSEN_K)],
                  "Male": ["False", "True"], "Young": ["False", "True"]}
@@ -181,14 +188,14 @@ def write_classifiers(cfg: Config, man: pa.Table, primary: np.ndarray,
                         r.update(evaluated_on=f"gap:{gb}", value=r["value"] / 3,
                                  ci_low=max(0.0, r["ci_low"] / 3 - 0.05), ci_high=r["ci_high"] / 3)
                         rows.append(r)
-    tables.replace(cfg, "classifiers/metrics", pa.Table.from_pylist(rows, METRICS_SCHEMA),
-                   schema=METRICS_SCHEMA)
+    tables.replace(cfg, classify.METRICS_TABLE, pa.Table.from_pylist(rows, METRICS_SCHEMA),
+                   schema=METRICS_SCHEMA, metadata=classify.Settings.from_config(cfg).metadata())
     write_findings(cfg, rows, rng)
     test = [i for i, s in zip(man["image_id"].to_pylist(), man["split"].to_pylist()) if s == "test"]
     preds = [{"image_id": i, "model": m, "sampling": "none", "trained_on": "global",
               "score": float(rng.random()), "label": bool(rng.random() < 0.5), "split": "test"}
              for m in MODELS for i in test]
-    tables.replace(cfg, "classifiers/predictions", pa.Table.from_pylist(preds, PREDICTIONS_SCHEMA),
+    tables.replace(cfg, classify.PREDICTIONS_TABLE, pa.Table.from_pylist(preds, PREDICTIONS_SCHEMA),
                    schema=PREDICTIONS_SCHEMA)
 
 
@@ -208,12 +215,12 @@ def write_findings(cfg: Config, metric_rows: list[dict], rng: np.random.Generato
                                        "value", "ci_low", "ci_high", "n")}
                     | {"n_groups": len(groups[r["group_by"]]), "high_group": hi,
                        "high_value": 0.8, "low_group": lo, "low_value": 0.5, "p_value": p,
-                       "permutations": 999,
+                       "permutations": cfg.classify.permutations,
                        "p_adjusted": 0.01 if i % 3 == 0 else max(0.06, min(1.0, 3 * p)),
                        "significant": i % 3 == 0, "correction": "bh", "alpha": 0.05,
                        "too_small": ["1×True (n=3)"] if r["group_by"] == "cluster" else []})
-    tables.replace(cfg, "classifiers/findings", pa.Table.from_pylist(rows, FINDINGS_SCHEMA),
-                   schema=FINDINGS_SCHEMA)
+    tables.replace(cfg, classify.FINDINGS_TABLE, pa.Table.from_pylist(rows, FINDINGS_SCHEMA),
+                   schema=FINDINGS_SCHEMA, metadata=classify.Settings.from_config(cfg).metadata())
 
 
 def write_shap(cfg: Config, rng: np.random.Generator) -> None:
@@ -244,17 +251,17 @@ def write_shap(cfg: Config, rng: np.random.Generator) -> None:
                              "left_trained_on": left[0], "left_cluster": left[1],
                              "right_trained_on": right[0], "right_cluster": right[1],
                              "n_features": len(SHAP_FEATURES), "kendall_tau": float(rng.uniform(-0.5, 1)),
-                             "kendall_p": 0.3, "k": 5, "top_k_overlap": float(rng.choice([0.4, 0.6, 1.0]))})
+                             "kendall_p": 0.3, "k": cfg.explain.top_k, "top_k_overlap": float(rng.choice([0.4, 0.6, 1.0]))})
         fig, ax = plt.subplots(figsize=(3, 2))
         ax.scatter(rng.normal(size=30), rng.integers(0, 5, 30), c=rng.random(30))
         buf = io.BytesIO()
         fig.savefig(buf, format="png")
         plt.close(fig)
-        storage.write_bytes(tables.location(cfg, "shap/plots").join(
-            f"beeswarm__{model}__none__global__all.png"), buf.getvalue())
-    tables.replace(cfg, "shap/importance", pa.Table.from_pylist(imp, IMPORTANCE_SCHEMA),
+        storage.write_bytes(tables.location(cfg, explain.PLOTS).join(
+            explain.beeswarm_name(model, "none", "global", None)), buf.getvalue())
+    tables.replace(cfg, explain.IMPORTANCE, pa.Table.from_pylist(imp, IMPORTANCE_SCHEMA),
                    schema=IMPORTANCE_SCHEMA)
-    tables.replace(cfg, "shap/comparison", pa.Table.from_pylist(comp, COMPARISON_SCHEMA),
+    tables.replace(cfg, explain.COMPARISON, pa.Table.from_pylist(comp, COMPARISON_SCHEMA),
                    schema=COMPARISON_SCHEMA)
 
 
@@ -299,12 +306,14 @@ def write_audit(cfg: Config, man: pa.Table, primary: np.ndarray | None,
         ("images_audited", None, n), ("exact_groups", None, 2), ("exact_images", None, 4),
         ("exact_groups_conflicting", None, 1), ("near_groups", None, 0), ("near_images", None, 0),
         ("leaking_groups", "exact_duplicate", 1), ("dropped_images", None, 0),
-        ("nearest_distance_p01", None, 0.0), ("nearest_distance_p50", None, 0.2))]
+        ("nearest_distance_p01", None, 0.0), ("nearest_distance_p50", None, 0.2),
+        ("near_threshold", None, cfg.audit.near_threshold))]
     for name, rows in ((audit.DUPLICATES, dups), (audit.LABEL_CONFLICTS, conflicts),
                        (audit.LEAKAGE, leak), (audit.LEAKAGE_COUNTS, counts),
                        (audit.LABEL_ISSUES, issues), (audit.SUMMARY, summary)):
         tables.replace(cfg, name, pa.Table.from_pylist(rows, audit.SCHEMAS[name]),
-                       schema=audit.SCHEMAS[name])
+                       schema=audit.SCHEMAS[name],
+                       metadata={"action": cfg.audit.action} if name == audit.SUMMARY else None)
     tables.replace(cfg, audit.ISSUE_RATES, rates.to_arrow(), schema=audit.ISSUE_RATES_SCHEMA)
 
 
@@ -315,7 +324,11 @@ STAGE_WRITERS = ("ingest", "train_attributes", "extract", "cluster", "audit", "c
 def write_run(cfg: Config, stages: tuple[str, ...] = STAGE_WRITERS, n: int = 48,
               seed: int = 0) -> dict:
     """Write the tables of ``stages`` (in order) plus their run.json records."""
+    from pipeline.config import dump_toml
+
     rng = np.random.default_rng(seed)
+    # as runlog.track does for every stage that writes tables
+    storage.write_bytes(tables.root(cfg).join("config.toml"), dump_toml(cfg).encode())
     man = write_manifest_and_errors(cfg, n)
     primary = None
     for stage in stages:

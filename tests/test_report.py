@@ -166,6 +166,47 @@ def test_a_table_in_an_unexpected_shape_is_a_visible_warning(tmp_path):
     assert any("classifiers/metrics" in t for t in warns)
 
 
+def test_report_describes_the_run_that_made_the_tables_not_the_current_config(tmp_path):
+    """Tables made with one config, the report built with another: every setting the page
+    states (CI level, bootstrap count, k rule, primary clustering, near-duplicate threshold,
+    audit action, dataset) is the one recorded in the tables' metadata."""
+    import html
+
+    spaces = 'cluster.spaces=["annotations", "semantic"]'
+    made = tiny_config(tmp_path, "report.dpi=60", spaces, "classify.ci_level=0.9",
+                       "classify.bootstrap=37", "classify.permutations=123",
+                       "cluster.k_rule=davies_bouldin", "cluster.primary_algorithm=gmm",
+                       "audit.near_threshold=0.031")
+    write_run(made, stages=("cluster", "audit", "classify"))
+    edited = tiny_config(tmp_path, "report.dpi=60", spaces, "classify.ci_level=0.8",
+                         "classify.bootstrap=11", "classify.permutations=456",
+                         "cluster.k_rule=calinski_harabasz", "cluster.primary_algorithm=kmeans",
+                         "audit.near_threshold=0.077", "audit.action=drop_conflicting_exact",
+                         "data.dataset=utkface")
+    result = report.run(edited)
+    assert result["problems"] == [], result["problems"]
+    text = html.unescape(Path(result["report"]).read_text(encoding="utf-8"))
+    for said in ("90% bootstrap intervals (37 resamples)", "by the davies_bouldin rule",
+                 "use the gmm clustering", "123 random shuffles", "≤ 0.031",
+                 "audit.action = report", "celeba · "):
+        assert said in text.replace("<code>", "").replace("</code>", "").replace(
+            "<b>", "").replace("</b>", ""), said
+    for not_said in ("80% bootstrap", "11 resamples", "calinski_harabasz rule",
+                     "use the kmeans clustering", "456 random shuffles", "≤ 0.077",
+                     "drop_conflicting_exact", "utkface"):
+        assert not_said not in text, not_said
+
+
+def test_a_table_without_its_recorded_settings_is_a_visible_warning(tmp_path):
+    cfg = tiny_config(tmp_path, "report.dpi=60")
+    write_run(cfg, stages=("cluster", "classify"))
+    m = tables.read(cfg, "classifiers/metrics")
+    tables.replace(cfg, "classifiers/metrics", m.replace_schema_metadata(None))  # an older run
+    result = report.run(cfg)
+    assert any("classifiers/metrics metadata lacks" in p and "rerun classify" in p
+               for p in result["problems"]), result["problems"]
+
+
 def test_rerun_drops_figures_of_tables_that_are_gone(tmp_path):
     cfg = tiny_config(tmp_path, "report.dpi=60", "report.faces_per_cluster=2",
                       "report.mean_face_images=4")

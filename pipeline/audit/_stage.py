@@ -16,6 +16,7 @@ from pipeline.audit import _duplicates as dup
 from pipeline.audit import _labels as lab
 from pipeline.audit._schemas import (DUPLICATES, ISSUE_RATES, LABEL_CONFLICTS, LABEL_ISSUES,
                                      LEAKAGE, LEAKAGE_COUNTS, SCHEMAS, SUMMARY)
+from pipeline.cluster import PRIMARY  # clusters/primary, owned by cluster
 from pipeline.config import Config
 from pipeline.schemas import manifest_attributes
 from pipeline.seeds import derive_seed
@@ -51,8 +52,8 @@ def _load(cfg: Config) -> tuple[pl.DataFrame, np.ndarray, list[str], list[str]]:
     E = emb.flatten().to_numpy().reshape(len(emb), -1)[rows["__f"].to_numpy()]
     labelled = [a for a in attrs if rows[a].null_count() < rows.height]
     others = [c for c in OTHER_LABELS if c in rows.columns and rows[c].null_count() < rows.height]
-    if tables.exists(cfg, "clusters/primary"):
-        cl = pl.from_arrow(tables.read(cfg, "clusters/primary", columns=["image_id", "cluster"]))
+    if tables.exists(cfg, PRIMARY):
+        cl = pl.from_arrow(tables.read(cfg, PRIMARY, columns=["image_id", "cluster"]))
         rows = rows.join(cl.select("image_id", pl.col("cluster").cast(pl.Int32).alias(
             "__cluster")), on="image_id", how="left")
     else:
@@ -317,7 +318,8 @@ def run(cfg: Config) -> dict:
                      (SUMMARY, pl.DataFrame(summary, schema={"metric": pl.String,
                                                              "attribute": pl.String,
                                                              "value": pl.Float64}))):
-        written[name] = tables.replace(cfg, name, _arrow(df, name), schema=SCHEMAS[name])
+        written[name] = tables.replace(cfg, name, _arrow(df, name), schema=SCHEMAS[name],
+                                       metadata={"action": a.action} if name == SUMMARY else None)
     return {
         "images": n,
         "exact_groups": int(ex_dups["group"].n_unique()) if ex_dups.height else 0,

@@ -73,8 +73,10 @@ Outputs (under ``output.root``):
 
 - ``classifiers/dataset``: :func:`dataset_schema` — image_id, split, cluster, target, then the
   features (float64) in the order the models were trained on (explain reads it as is);
-- ``classifiers/models``: :data:`MODELS_SCHEMA` index, plus one ``<model>__<sampling>__<trained_on>.skops``
-  file per fit in the same folder (load with :func:`load_model`; no pickle);
+- ``classifiers/models``: :data:`MODELS_SCHEMA` index (read with :func:`read_models`); its
+  ``path`` points at one :func:`model_file` per fit, ``classifiers/model_files/<key>.skops`` with
+  key :func:`model_key` = ``<model>__<sampling>__<trained_on>`` (load with :func:`load_model`; no
+  pickle). The model files have their own folder so every table folder holds only Parquet;
 - ``classifiers/metrics``: :data:`METRICS_SCHEMA`, long format;
 - ``classifiers/predictions``: :data:`PREDICTIONS_SCHEMA`, test rows of every fit;
 - ``classifiers/findings``: :data:`FINDINGS_SCHEMA`, one row per gap row of the metrics table
@@ -82,6 +84,10 @@ Outputs (under ``output.root``):
   decision (``significant``), the two groups behind the gap and the too-small groups (see
   :mod:`pipeline.classify._significance`);
 - ``errors/classify.parquet``: images that could not be used, with the reason.
+
+The metrics and findings tables carry :class:`Settings` in their metadata (target, samplings,
+CI level, bootstrap resamples, permutations, correction, alpha, minimum group size);
+:func:`read_settings` reads them back, so a report describes the run that made the tables.
 
 Reference configuration (global logistic regression on CelebA's ground-truth attributes, the
 official partition; an earlier study reports accuracy 0.7817 for this model)::
@@ -97,10 +103,16 @@ from pipeline.classify._data import dataset_schema
 from pipeline.classify._evaluate import FAIRNESS_GAPS, METRICS
 from pipeline.classify._fit import DEFAULT_PARAMS, load_model
 from pipeline.classify._significance import FINDINGS_SCHEMA, SEP
-from pipeline.classify._stage import (METRICS_SCHEMA, MODELS_SCHEMA, PREDICTIONS_SCHEMA,
-                                      execute, run)
+from pipeline.classify._stage import execute, run
+from pipeline.classify._tables import (DATASET_TABLE, FINDINGS_TABLE, GLOBAL, METRICS_SCHEMA,
+                                       METRICS_TABLE, MODEL_FILES, MODELS_SCHEMA, MODELS_TABLE,
+                                       PER_CLUSTER, PREDICTIONS_SCHEMA, PREDICTIONS_TABLE,
+                                       Settings, model_file, model_key, read_models,
+                                       read_settings)
 from pipeline.modelfiles import TRUSTED_TYPES  # the one allow-list of model-file types
 
 __all__ = ["run", "dataset_schema", "MODELS_SCHEMA", "METRICS_SCHEMA", "PREDICTIONS_SCHEMA",
-           "FINDINGS_SCHEMA", "SEP",
+           "FINDINGS_SCHEMA", "SEP", "DATASET_TABLE", "MODELS_TABLE", "METRICS_TABLE",
+           "PREDICTIONS_TABLE", "FINDINGS_TABLE",
+           "MODEL_FILES", "GLOBAL", "PER_CLUSTER", "model_key", "model_file", "read_models", "Settings", "read_settings",
            "METRICS", "FAIRNESS_GAPS", "TRUSTED_TYPES", "DEFAULT_PARAMS", "load_model", "execute"]

@@ -25,6 +25,7 @@ from sklearn.decomposition import PCA
 
 from pipeline import tables
 from pipeline.classify._fit import SPLIT_CODES
+from pipeline.cluster import PRIMARY  # clusters/primary, owned by cluster
 from pipeline.config import CELEBA_ATTRIBUTES, Config
 from pipeline.schemas import SPLITS, manifest_attributes
 from pipeline.seeds import derive_seed
@@ -214,9 +215,9 @@ def load_inputs(cfg: Config) -> Inputs:
     for b in blocks:
         base = base.join(b, on="image_id", how="inner")
     # -- clusters
-    has_clusters = tables.exists(cfg, "clusters/primary")
+    has_clusters = tables.exists(cfg, PRIMARY)
     if has_clusters:
-        cl = pl.from_arrow(tables.read(cfg, "clusters/primary", columns=["image_id", "cluster"]))
+        cl = pl.from_arrow(tables.read(cfg, PRIMARY, columns=["image_id", "cluster"]))
         base = base.join(cl.with_columns(pl.col("cluster").cast(pl.Int32)), on="image_id",
                          how="left")
         # negative labels are "noise" (HDBSCAN); such rows belong to no cluster

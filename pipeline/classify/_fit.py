@@ -19,6 +19,7 @@ from sklearn.preprocessing import StandardScaler
 
 from pipeline import modelfiles, storage
 from pipeline.classify._sampling import SamplingError, proportions, undersample
+from pipeline.classify._tables import model_file, model_key
 from pipeline.config import Config
 from pipeline.seeds import derive_seed
 
@@ -112,7 +113,7 @@ class FitSpec:
 
     @property
     def key(self) -> str:
-        return f"{self.model}__{self.sampling}__{self.trained_on}"
+        return model_key(self.model, self.sampling, self.trained_on)
 
 
 @dataclass
@@ -130,10 +131,6 @@ class FitResult:
     test_index: np.ndarray | None = None  # positions into the shared arrays
     test_score: np.ndarray | None = None
     fit_seconds: float = 0.0
-
-
-def model_relpath(spec: FitSpec) -> str:
-    return f"classifiers/models/{spec.key}.skops"
 
 
 def fit_one(data: dict, spec: FitSpec, cfg: Config, out_root: str) -> FitResult:
@@ -176,7 +173,7 @@ def fit_one(data: dict, spec: FitSpec, cfg: Config, out_root: str) -> FitResult:
     res.features = [names[i] for i in cols]
     res.n_train, res.n_train_positive = len(keep), pos
     res.train_proportions = proportions(y[keep], cl[keep])
-    res.path = model_relpath(spec)
+    res.path = model_file(spec.key)
     storage.write_bytes(storage.filesystem(out_root, cfg.storage).join(*res.path.split("/")),
                         sio.dumps(est))
     res.status = "ok"

@@ -17,48 +17,14 @@ from pipeline.classify._fit import (MODEL_NAMES, SPLIT_CODES, FitResult, FitSpec
 from pipeline.classify._sampling import PER_CLUSTER_SAMPLINGS
 from pipeline.classify._significance import (FINDINGS_SCHEMA, adjust, intersections,
                                              permutation_tests)
+from pipeline.classify._tables import (DATASET_TABLE, FINDINGS_TABLE, METRICS_SCHEMA,
+                                       METRICS_TABLE, MODEL_FILE_SUFFIX, MODEL_FILES,
+                                       MODELS_SCHEMA, MODELS_TABLE, PREDICTIONS_SCHEMA,
+                                       PREDICTIONS_TABLE, Settings)
 from pipeline.config import Config
 from pipeline.seeds import derive_seed
 
 log = logging.getLogger(__name__)
-
-MODELS_SCHEMA = pa.schema([
-    pa.field("model", pa.string(), nullable=False),  # random_forest | logistic_regression | ...
-    pa.field("sampling", pa.string(), nullable=False),  # none | class | cluster | cluster_class
-    pa.field("trained_on", pa.string(), nullable=False),  # "global" or "cluster_<c>"
-    pa.field("cluster", pa.int32()),  # c for "cluster_<c>", null for global
-    pa.field("path", pa.string(), nullable=False),  # skops file, relative to output.root
-    pa.field("features", pa.list_(pa.string()), nullable=False),  # model input columns, in order
-    pa.field("n_train", pa.int64(), nullable=False),  # training rows after undersampling
-    pa.field("target", pa.string(), nullable=False),  # classify.target
-    pa.field("threshold", pa.float64(), nullable=False),  # decision threshold chosen on val
-    pa.field("n_train_positive", pa.int64(), nullable=False),  # positives among n_train
-])
-
-METRICS_SCHEMA = pa.schema([
-    pa.field("model", pa.string(), nullable=False),
-    pa.field("sampling", pa.string(), nullable=False),
-    pa.field("trained_on", pa.string(), nullable=False),  # "global" or "per_cluster"
-    pa.field("evaluated_on", pa.string(), nullable=False),  # overall | cluster=3 | Male=True | gap:Male
-    pa.field("group_by", pa.string(), nullable=False),  # overall | cluster | <sensitive attribute>
-    pa.field("group", pa.string()),  # the group's value ("all" for overall); null on gap rows
-    pa.field("metric", pa.string(), nullable=False),  # accuracy ... / <m>_gap_difference ...
-    pa.field("value", pa.float64()),  # null = undefined for this group (e.g. recall w/o positives)
-    pa.field("ci_low", pa.float64()),  # percentile bootstrap interval; null without bootstrap
-    pa.field("ci_high", pa.float64()),
-    pa.field("n", pa.int64(), nullable=False),  # test rows in the group (all rows of the grouping for gaps)
-])
-
-PREDICTIONS_SCHEMA = pa.schema([
-    pa.field("image_id", pa.string(), nullable=False),
-    pa.field("model", pa.string(), nullable=False),
-    pa.field("sampling", pa.string(), nullable=False),
-    pa.field("trained_on", pa.string(), nullable=False),  # the model that scored the row
-    pa.field("score", pa.float64(), nullable=False),  # predict_proba of the positive class
-    pa.field("label", pa.bool_(), nullable=False),  # score >= the model's val-tuned threshold
-    pa.field("split", pa.string(), nullable=False),  # always "test"
-])
-
 
 def plan(cfg: Config, inputs: Inputs) -> tuple[list[FitSpec], list[dict]]:
     """Every fit to make, and the combinations left out with the reason."""
@@ -276,12 +242,15 @@ def _metrics_table(rows: list[dict]) -> pa.Table:
 
 
 def _remove_stale_models(cfg: Config, keep: set[str]) -> int:
-    loc = tables.location(cfg, "classifiers/models")
+    """Delete model files no index row points at; also any ``.skops`` left in the index folder
+    by a run from before model files had their own folder, so it holds only Parquet."""
     removed = 0
-    for info in storage.list_files(loc, recursive=False):
-        if info.path.endswith(".skops") and info.path.rsplit("/", 1)[-1] not in keep:
-            loc.fs.delete_file(info.path)
-            removed += 1
+    for name, keep_these in ((MODEL_FILES, keep), (MODELS_TABLE, set())):
+        loc = tables.location(cfg, name)
+        for info in storage.list_files(loc, recursive=False):
+            if info.path.endswith(MODEL_FILE_SUFFIX) and info.path not in keep_these:
+                loc.fs.delete_file(info.path)
+                removed += 1
     return removed
 
 
@@ -336,7 +305,7 @@ def run(cfg: Config) -> dict:
     log.info("classify: %d rows, %d features, %d fits", len(inputs.y),
              len(inputs.feature_names), len(specs))
     ds = inputs.table()
-    tables.replace(cfg, "classifiers/dataset", ds, schema=ds.schema,
+    tables.replace(cfg, DATASET_TABLE, ds, schema=ds.schema,
                    metadata={"target": c.target, "feature_sources": ",".join(c.features)})
     results, rows, timing = execute(cfg, inputs, specs, cfg.output.root, mode="ray")
     for r in results:
@@ -347,14 +316,14 @@ def run(cfg: Config) -> dict:
     models = _models_table(cfg, results)
     preds = _predictions_table(inputs, results)
     metrics = _metrics_table(rows)
-    tables.replace(cfg, "classifiers/models", models, schema=MODELS_SCHEMA)
-    tables.replace(cfg, "classifiers/predictions", preds, schema=PREDICTIONS_SCHEMA)
-    tables.replace(cfg, "classifiers/metrics", metrics, schema=METRICS_SCHEMA)
+    settings = Settings.from_config(cfg).metadata()  # the report reads these, not its config
+    tables.replace(cfg, MODELS_TABLE, models, schema=MODELS_SCHEMA)
+    tables.replace(cfg, PREDICTIONS_TABLE, preds, schema=PREDICTIONS_SCHEMA)
+    tables.replace(cfg, METRICS_TABLE, metrics, schema=METRICS_SCHEMA, metadata=settings)
     findings, tests = significance(cfg, inputs, results, rows, mode="ray")
-    tables.replace(cfg, "classifiers/findings", findings, schema=FINDINGS_SCHEMA,
-                   metadata={"correction": c.correction, "alpha": str(c.alpha),
-                             "permutations": str(c.permutations)})
-    stale = _remove_stale_models(cfg, {p.rsplit("/", 1)[-1] for p in models.column("path").to_pylist()})
+    tables.replace(cfg, FINDINGS_TABLE, findings, schema=FINDINGS_SCHEMA, metadata=settings)
+    keep = {tables.root(cfg).join(*p.split("/")).path for p in models.column("path").to_pylist()}
+    stale = _remove_stale_models(cfg, keep)
     return {
         "rows": len(inputs.y), "errors": len(inputs.errors),
         "features": list(inputs.feature_names),

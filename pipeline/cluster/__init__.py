@@ -14,7 +14,9 @@ reference (:func:`run_sweep`). Fitting rules and metric definitions: :mod:`pipel
 k per space x algorithm: ``cluster.k`` when set, else the best ``cluster.k_rule`` value
 (silhouette, by default; ties go to the smaller k).
 
-Outputs (schemas in :mod:`pipeline.cluster._schemas`), under ``<output.root>/clusters/``:
+Outputs (names, schemas and the :class:`Settings` recorded in their metadata: k rule, fixed k,
+primary space / algorithm / k, profile source, map method; :mod:`pipeline.cluster._schemas`),
+under ``<output.root>/clusters/``:
 
 * ``sweep``: one row per space x algorithm x k; ``chosen`` marks the kept k; external metrics
   one column per reference attribute (``nmi_Male``, ``ari_Male``, ``purity_Male`` ...).
@@ -38,11 +40,22 @@ Why published silhouettes differ so much (0.04 on PCA'd embeddings, 0.09 on grou
 attributes, 0.72 on a predicted attribute vector): see ``docs/clustering.md``.
 """
 
-from pipeline.cluster._schemas import (ASSIGNMENTS_SCHEMA, CENTROID_DISTANCES_SCHEMA,
-                                       CONDITIONAL_SCHEMA, DEMOGRAPHICS_SCHEMA, PRIMARY_SCHEMA,
-                                       PROFILES_SCHEMA, sweep_schema)
+from pipeline.cluster._schemas import (ASSIGNMENTS, ASSIGNMENTS_SCHEMA, CENTROID_DISTANCES,
+                                       CENTROID_DISTANCES_SCHEMA, CONDITIONAL, CONDITIONAL_SCHEMA,
+                                       DEMOGRAPHICS, DEMOGRAPHICS_SCHEMA, EXTERNAL_METRICS,
+                                       INTERNAL_METRICS, PRIMARY, PRIMARY_SCHEMA, PROFILES,
+                                       PROFILES_SCHEMA, SWEEP, Settings, read_settings,
+                                       sweep_schema)
 from pipeline.cluster._stage import run, run_sweep
 
-__all__ = ["run", "run_sweep", "ASSIGNMENTS_SCHEMA", "CENTROID_DISTANCES_SCHEMA",
-           "CONDITIONAL_SCHEMA", "DEMOGRAPHICS_SCHEMA", "PRIMARY_SCHEMA", "PROFILES_SCHEMA",
-           "sweep_schema"]
+# Every table the stage writes, by name, with its schema (the sweep's depends on the run's
+# reference attributes, hence a function); tests hold each written table to it.
+SCHEMAS = {SWEEP: sweep_schema, ASSIGNMENTS: ASSIGNMENTS_SCHEMA, PROFILES: PROFILES_SCHEMA,
+           CENTROID_DISTANCES: CENTROID_DISTANCES_SCHEMA, CONDITIONAL: CONDITIONAL_SCHEMA,
+           DEMOGRAPHICS: DEMOGRAPHICS_SCHEMA, PRIMARY: PRIMARY_SCHEMA}
+
+__all__ = ["run", "run_sweep", "Settings", "read_settings", "SCHEMAS",
+           "SWEEP", "ASSIGNMENTS", "PROFILES", "CENTROID_DISTANCES", "CONDITIONAL",
+           "DEMOGRAPHICS", "PRIMARY", "INTERNAL_METRICS", "EXTERNAL_METRICS",
+           "ASSIGNMENTS_SCHEMA", "CENTROID_DISTANCES_SCHEMA", "CONDITIONAL_SCHEMA",
+           "DEMOGRAPHICS_SCHEMA", "PRIMARY_SCHEMA", "PROFILES_SCHEMA", "sweep_schema"]

@@ -1,13 +1,63 @@
-"""Arrow schemas of the ``clusters/`` tables (design.md, "Tables").
+"""The ``clusters/`` tables, defined once: names, Arrow schemas and the settings every table's
+metadata records (design.md, "Stages, owners, tables").
 
 Every table the stage writes is cast to one of these before it is written
 (:func:`pipeline.storage.conform`), so a missing column or a wrong type is an error at write
-time, not a surprise for the reader.
+time, not a surprise for the reader. Readers (classify, audit, the report) import the names and
+:func:`read_settings` from here; the report describes the clustering from the tables, never
+from the config it was started with.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, fields
+
 import pyarrow as pa
+
+from pipeline import tables
+from pipeline.config import Config
+
+SWEEP = "clusters/sweep"
+ASSIGNMENTS = "clusters/assignments"
+PROFILES = "clusters/profiles"
+CENTROID_DISTANCES = "clusters/centroid_distances"
+CONDITIONAL = "clusters/conditional"
+DEMOGRAPHICS = "clusters/demographics"
+PRIMARY = "clusters/primary"  # the one clustering downstream stages use
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How the clusters were made; written into the metadata of every ``clusters/`` table but
+    ``centroid_distances`` (every value a string there)."""
+
+    spaces: tuple[str, ...]  # cluster.spaces, in the configured order (built or not)
+    k_rule: str  # cluster.k_rule: the internal metric that chose k
+    k: int  # cluster.k: a fixed k, 0 = chosen by k_rule
+    primary_space: str  # the space clusters/primary uses (after any fallback)
+    primary_algorithm: str  # cluster.primary_algorithm
+    primary_k: int  # the chosen k of that clustering
+    profile_source: str  # annotations (ground truth) or predicted attributes
+    map_method: str  # cluster.map_method of the 2-D map (tsne / umap)
+
+    def metadata(self) -> dict[str, str]:
+        return {k: ",".join(v) if isinstance(v, tuple) else str(v)
+                for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_metadata(cls, md: dict[str, str], table: str = SWEEP) -> "Settings":
+        missing = [f.name for f in fields(cls) if f.name not in md]
+        if missing:
+            raise KeyError(f"{table} metadata lacks {missing} (written by a cluster stage older "
+                           "than this reader): rerun cluster (python -m jobs.cluster --force)")
+        conv = {"spaces": lambda s: tuple(x for x in s.split(",") if x), "k": int,
+                "primary_k": int}
+        return cls(**{f.name: conv.get(f.name, str)(md[f.name]) for f in fields(cls)})
+
+
+def read_settings(cfg: Config, table: str = SWEEP) -> Settings:
+    """The settings the ``clusters/`` table ``table`` was made with."""
+    return Settings.from_metadata(tables.metadata(cfg, table), table)
 
 # Internal (label-free) metrics of one sweep row, in column order.
 INTERNAL_METRICS: tuple[str, ...] = ("inertia", "silhouette", "davies_bouldin", "calinski_harabasz")

@@ -15,7 +15,7 @@ from pipeline.cluster import _describe as describe
 from pipeline.cluster._fit import SweepSpec, choose_k, hdbscan_min_cluster_size, sweep_one
 from pipeline.cluster._schemas import (ASSIGNMENTS_SCHEMA, CENTROID_DISTANCES_SCHEMA,
                                        CONDITIONAL_SCHEMA, DEMOGRAPHICS_SCHEMA, PRIMARY_SCHEMA,
-                                       PROFILES_SCHEMA, sweep_schema)
+                                       PROFILES_SCHEMA, Settings, sweep_schema)
 from pipeline.cluster._spaces import BUILDERS, Inputs, Space, load_inputs
 from pipeline.config import Config
 from pipeline.seeds import derive_seed, rng
@@ -362,9 +362,9 @@ def run(cfg: Config) -> dict:
     primary = pa.table({"image_id": pa.array(spaces[primary_space].image_ids.tolist(), pa.string()),
                         "cluster": pa.array(plabels.astype(np.int32))})
 
-    meta = {"k_rule": c.k_rule, "primary_space": primary_space,
-            "primary_algorithm": c.primary_algorithm, "primary_k": str(pk),
-            "profile_source": source}
+    meta = Settings(spaces=tuple(c.spaces), k_rule=c.k_rule, k=c.k, primary_space=primary_space,
+                    primary_algorithm=c.primary_algorithm, primary_k=int(pk),
+                    profile_source=source, map_method=c.map_method).metadata()
     rows = {
         "clusters/sweep": tables.replace(cfg, "clusters/sweep", pa.Table.from_pylist(
             sweep_rows, schema=sweep_schema(c.reference_attributes)),

@@ -62,7 +62,7 @@ def run(cfg: Config) -> dict:
             log.exception("[report] %s failed", module.TITLE)
             body = note(f"This section failed: {h(type(exc).__name__)}: {h(exc)}", "warn")
         built.append((slug(module.TITLE), module.TITLE, body))
-    subtitle = f"{cfg.data.dataset} · {cfg.data.root} → {cfg.output.root}"
+    subtitle = _subtitle(ctx)
     page = render("faceaudit report", subtitle, built)
     index = ctx.out.join(INDEX)
     storage.write_bytes(index, page.encode("utf-8"))  # after every figure: no dangling links
@@ -73,6 +73,14 @@ def run(cfg: Config) -> dict:
     return {"report": index.uri, "figures": len(ctx.figures), "sections": len(built),
             "not_run": sorted(set(ctx.not_run)), "problems": ctx.problems,
             "html_bytes": len(page.encode("utf-8"))}
+
+
+def _subtitle(ctx: Context) -> str:
+    """Dataset and data root as ingest recorded them in the manifest, and where the run is."""
+    md = ctx.table_metadata("manifest")
+    source = (f"{md['dataset']} · {md['data_root']}" if "dataset" in md and "data_root" in md
+              else "data source not recorded (manifest written before it was)")
+    return f"{source} → {ctx.cfg.output.root}"
 
 
 def _remove_stale_figures(ctx: Context) -> None:

@@ -10,12 +10,12 @@ from matplotlib.ticker import MaxNLocator
 
 from pipeline import storage
 from pipeline.report import _plots as P
-from pipeline.report._context import Context, ReportDataError, col, h, note, table_html
+from pipeline.report._context import (Context, ReportDataError, col, h, note, require,
+                                      table_html)
+# train owns these tables and the metrics table's mean row; imported, never re-declared
+from pipeline.train import HISTORY, MEAN_ROW, METRICS, MODEL_DIR
 
 TITLE = "Attribute model"
-METRICS = "models/attributes/metrics"
-HISTORY = "models/attributes/history"
-MEAN_ROW = "__mean__"
 
 
 def build(ctx: Context) -> list[str]:
@@ -52,9 +52,9 @@ def _provenance(ctx: Context) -> list[str]:
 
 
 def _model_json(ctx: Context) -> list[str]:
-    loc = ctx.root.join("models", "attributes", "model.json")
+    loc = ctx.root.join(*MODEL_DIR.split("/"), "model.json")
     if not storage.exists(loc):
-        return [ctx.missing("models/attributes", "<code>models/attributes/model.json</code>")]
+        return [ctx.missing(MODEL_DIR, f"<code>{MODEL_DIR}/model.json</code>")]
     meta = json.loads(storage.read_bytes(loc))
     rows = [(k, v) for k, v in meta.items() if not isinstance(v, (list, dict))]
     attrs = meta.get("attributes")
@@ -65,10 +65,8 @@ def _model_json(ctx: Context) -> list[str]:
 
 
 def _accuracy(ctx: Context, m: pd.DataFrame) -> list[str]:
-    a = col(m, "attribute", "name", table=METRICS)
-    acc = col(m, "accuracy", "test_accuracy", table=METRICS)
-    base = col(m, "majority_baseline", "majority_accuracy", "baseline_accuracy", "majority",
-               "baseline", table=METRICS)
+    a, acc, base = "attribute", "accuracy", "majority_baseline"  # train.METRICS_SCHEMA's names
+    require(m, (a, acc, base), METRICS)
     mean = m[m[a] == MEAN_ROW]
     per = m[m[a] != MEAN_ROW].copy()
     if per.empty:
@@ -77,10 +75,10 @@ def _accuracy(ctx: Context, m: pd.DataFrame) -> list[str]:
     per = per.sort_values("gain")
     mean_acc = float(mean[acc].iloc[0]) if len(mean) else float(per[acc].mean())
     mean_base = float(mean[base].iloc[0]) if len(mean) else float(per[base].mean())
-    bal = col(m, "balanced_accuracy", table=METRICS, required=False)
+    bal = "balanced_accuracy"
     lead = (f"<p>Mean test accuracy over {len(per)} attributes: <b>{mean_acc:.2%}</b>, against a "
             f"majority-class baseline of <b>{mean_base:.2%}</b>")
-    if bal is not None and len(mean):
+    if len(mean):
         lead += f"; mean balanced accuracy <b>{float(mean[bal].iloc[0]):.2%}</b>"
     lead += (". CelebA's attributes are imbalanced, so accuracy is read against the baseline "
              "(what always answering the majority class would score).</p>")

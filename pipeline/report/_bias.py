@@ -11,11 +11,12 @@ import re
 
 import pandas as pd
 
+from pipeline.cluster import DEMOGRAPHICS as DEMO
+from pipeline.cluster import read_settings
 from pipeline.report import _plots as P
 from pipeline.report._context import Context, note, require, table_html
 
 TITLE = "Bias"
-DEMO = "clusters/demographics"
 # Hatches double the colour coding so stacked categories stay apart in greyscale print.
 HATCHES = ("", "//", "..", "xx", "\\\\", "--", "++", "oo")
 
@@ -33,11 +34,10 @@ def build(ctx: Context) -> list[str]:
     if man is not None and man["race"].notna().any() and not (d["attribute"] == "race").any():
         out.append(note("The manifest has UTKFace race labels but clusters/demographics has "
                         "no race rows.", "warn"))
+    primary = ctx.recorded(read_settings, DEMO).primary_algorithm  # as the run clustered
     for space in d["space"].unique():
         g = d[d["space"] == space]
-        algo = (ctx.cfg.cluster.primary_algorithm
-                if ctx.cfg.cluster.primary_algorithm in set(g["algorithm"])
-                else sorted(g["algorithm"].unique())[0])
+        algo = primary if primary in set(g["algorithm"]) else sorted(g["algorithm"].unique())[0]
         g = g[g["algorithm"] == algo]
         out.append(ctx.part(f"Demographics: {space} ({algo})",
                             lambda: _space(ctx, space, algo, g)))

@@ -14,16 +14,15 @@ import re
 import numpy as np
 import pandas as pd
 
-from pipeline.classify import SEP
+from pipeline.classify import GLOBAL, SEP, read_settings
+from pipeline.classify import METRICS_TABLE as METRICS
 from pipeline.report import _plots as P
 from pipeline.report._context import Context, ReportDataError, h, note, require, table_html
 
 TITLE = "Classifiers"
-METRICS = "classifiers/metrics"
 # Metrics drawn per cluster / per group: overall quality, then the error rates fairness compares.
 SHOWN = ("accuracy", "balanced_accuracy", "recall", "fpr")
 GAPS = ("accuracy_gap_difference", "equalized_odds_difference", "demographic_parity_difference")
-GLOBAL = ("global", "all", "overall")
 
 
 def build(ctx: Context) -> list[str]:
@@ -34,12 +33,12 @@ def build(ctx: Context) -> list[str]:
               "value", "ci_low", "ci_high"), METRICS)
     m = m.copy()
     m["is_gap"] = m["evaluated_on"].astype(str).str.startswith("gap:")
-    m["global"] = m["trained_on"].astype(str).isin(GLOBAL)
-    target = h(ctx.cfg.classify.target)
-    level = ctx.cfg.classify.ci_level
-    out = [note(f"Target: <b>{target}</b>, evaluated on the test split. Error bars and "
-                f"[brackets] are {level:.0%} bootstrap intervals "
-                f"({ctx.cfg.classify.bootstrap} resamples); small clusters have wide ones.")]
+    m["global"] = m["trained_on"] == GLOBAL
+    run = ctx.recorded(read_settings, METRICS)  # what the metrics were computed with
+    intervals = (f"Error bars and [brackets] are {run.ci_level:.0%} bootstrap intervals "
+                 f"({run.bootstrap} resamples); small clusters have wide ones."
+                 if run.bootstrap else "No bootstrap intervals (classify.bootstrap = 0).")
+    out = [note(f"Target: <b>{h(run.target)}</b>, evaluated on the test split. {intervals}")]
     out.append(ctx.part("Overall", lambda: _overall(m)))
     out.append(ctx.part("Per cluster", lambda: _by(ctx, m, ["cluster"], "per-cluster")))
     # plain sensitive attributes only; the intersectional groupings are in the findings table
@@ -162,7 +161,7 @@ def _gaps(ctx: Context, m: pd.DataFrame) -> list[str]:
 
 def _sampling(ctx: Context, m: pd.DataFrame) -> list[str]:
     out = []
-    samplings = list(dict.fromkeys(s for s in ctx.cfg.classify.samplings
+    samplings = list(dict.fromkeys(s for s in ctx.recorded(read_settings, METRICS).samplings
                                    if s in set(m["sampling"])))
     samplings += [s for s in sorted(m["sampling"].unique()) if s not in samplings]
     if len(samplings) < 2:

@@ -15,8 +15,11 @@ from pipeline.report._faces import FaceReader, mean_face, sample_rows
 from pipeline.seeds import derive_seed
 
 TITLE = "Clusters"
-SWEEP, ASSIGN, PROFILES = "clusters/sweep", "clusters/assignments", "clusters/profiles"
-DIST, COND = "clusters/centroid_distances", "clusters/conditional"
+# The cluster stage owns these tables and the settings in their metadata.
+from pipeline.cluster import ASSIGNMENTS as ASSIGN
+from pipeline.cluster import CENTROID_DISTANCES as DIST
+from pipeline.cluster import CONDITIONAL as COND
+from pipeline.cluster import PROFILES, SWEEP, Settings, read_settings
 
 
 def build(ctx: Context) -> list[str]:
@@ -27,21 +30,23 @@ def build(ctx: Context) -> list[str]:
     for df in (sweep, assign):
         if df is not None:
             spaces += [s for s in df["space"].unique() if s not in spaces]
-    order = {s: i for i, s in enumerate(ctx.cfg.cluster.spaces)}
+    settings = _settings(ctx)
+    order = {s: i for i, s in enumerate(settings.spaces)}
     spaces.sort(key=lambda s: order.get(s, 99))
     faces = FaceReader(ctx)
-    out = [_intro(ctx, spaces)]
+    out = [_intro(settings, spaces)]
     for space in spaces:
         out.append(f'<h3 id="space-{h(space)}">Feature space: {h(space)}</h3>')
         out.append(ctx.part(f"{space}: sweep", lambda: _sweep(ctx, space), level=4))
-        algo = _primary_algorithm(ctx, space)
+        algo = _primary_algorithm(ctx, settings, space)
         if algo is None:
             out.append(ctx.missing(ASSIGN, f"<code>{ASSIGN}/</code> for {h(space)}"))
             continue
         out.append(note(f"Figures below use the <b>{h(algo)}</b> clustering of this space "
                         f"at its chosen k."))
         out.append(ctx.part(f"{space}: labels", lambda: _labels(ctx, space, algo), level=4))
-        out.append(ctx.part(f"{space}: 2-D map", lambda: _map(ctx, space, algo), level=4))
+        out.append(ctx.part(f"{space}: 2-D map", lambda: _map(ctx, settings, space, algo),
+                            level=4))
         out.append(ctx.part(f"{space}: profile heatmap", lambda: _lift(ctx, space, algo),
                             level=4))
         out.append(ctx.part(f"{space}: attributes per cluster",
@@ -60,23 +65,27 @@ def build(ctx: Context) -> list[str]:
     return out
 
 
-def _intro(ctx: Context, spaces: list[str]) -> str:
+def _settings(ctx: Context) -> Settings:
+    """How the clusters were made, as the cluster stage recorded it in its tables."""
+    return ctx.recorded(read_settings, SWEEP if ctx.has(SWEEP) else ASSIGN)
+
+
+def _intro(settings: Settings, spaces: list[str]) -> str:
     links = ", ".join(f'<a href="#space-{h(s)}">{h(s)}</a>' for s in spaces)
-    return (f"<p>Feature spaces clustered: {links}. "
-            f"k is chosen per space and algorithm by the <code>{h(ctx.cfg.cluster.k_rule)}</code> "
-            f"rule unless fixed (cluster.k = {ctx.cfg.cluster.k}). Lift = P(attribute | cluster) / "
+    how = (f"k is fixed at {settings.k} (cluster.k)" if settings.k else
+           f"k is chosen per space and algorithm by the <code>{h(settings.k_rule)}</code> rule")
+    return (f"<p>Feature spaces clustered: {links}. {how}. Lift = P(attribute | cluster) / "
             f"P(attribute): above 1 the attribute is over-represented in the cluster.</p>")
 
 
-def _primary_algorithm(ctx: Context, space: str) -> str | None:
+def _primary_algorithm(ctx: Context, settings: Settings, space: str) -> str | None:
     a = ctx.table(ASSIGN)
     if a is None:
         return None
     algos = list(a.loc[a["space"] == space, "algorithm"].unique())
     if not algos:
         return None
-    return ctx.cfg.cluster.primary_algorithm if ctx.cfg.cluster.primary_algorithm in algos \
-        else sorted(algos)[0]
+    return settings.primary_algorithm if settings.primary_algorithm in algos else sorted(algos)[0]
 
 
 def _members(ctx: Context, space: str, algo: str) -> pd.DataFrame:
@@ -165,7 +174,7 @@ def _labels(ctx: Context, space: str, algo: str) -> list[str]:
                        "distinctive attributes)")]
 
 
-def _map(ctx: Context, space: str, algo: str) -> list[str]:
+def _map(ctx: Context, settings: Settings, space: str, algo: str) -> list[str]:
     m = _members(ctx, space, algo)
     m = m[m["x"].notna() & m["y"].notna()]
     if m.empty:
@@ -180,8 +189,8 @@ def _map(ctx: Context, space: str, algo: str) -> list[str]:
         colour = P.NOISE_GREY if c < 0 else P.colour(c)
         ax.scatter(g["x"], g["y"], s=6, color=colour, marker=P.marker(max(c, 0)), alpha=0.7,
                    linewidths=0, label=P.wrap(names.get(c, "noise" if c < 0 else f"c{c}"), 40))
-    ax.set_xlabel(f"{ctx.cfg.cluster.map_method} 1 (arbitrary units)")
-    ax.set_ylabel(f"{ctx.cfg.cluster.map_method} 2 (arbitrary units)")
+    ax.set_xlabel(f"{settings.map_method} 1 (arbitrary units)")
+    ax.set_ylabel(f"{settings.map_method} 2 (arbitrary units)")
     ax.set_title(f"{space} space, {algo}, k={int(m['k'].iloc[0])}: {len(m):,} sampled rows")
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), markerscale=2.5, frameon=False)
     return [ctx.figure(fig, f"clusters-{space}-map", f"2-D map of the {space} space coloured "

@@ -13,7 +13,7 @@ import html
 import io
 import logging
 import re
-from typing import Callable, Iterable
+from typing import Callable, Iterable, TypeVar
 
 import pandas as pd
 
@@ -21,6 +21,7 @@ from pipeline import runlog, storage, tables
 from pipeline.config import Config
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Which stage writes which table (for the "not run" notes).
 TABLE_STAGE = {
@@ -123,10 +124,17 @@ class Context:
 
     def table_metadata(self, name: str) -> dict[str, str]:
         """Key-value metadata of a table's first Parquet file (model names, versions ...)."""
-        schema = storage.read_schema(tables.location(self.cfg, name))
-        md = (schema.metadata if schema is not None else None) or {}
-        return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in md.items()
-                if not k.startswith(b"ARROW:") and k != b"pandas"}
+        return tables.metadata(self.cfg, name)
+
+    def recorded(self, read: Callable[[Config, str], T], name: str) -> T:
+        """The settings the owning stage recorded in table ``name``'s metadata, through that
+        stage's own reader ``read`` (e.g. :func:`pipeline.cluster.read_settings`). The report
+        describes a run from these, never from the config it was started with; a table
+        written without them is a :class:`ReportDataError` saying what to rerun."""
+        try:
+            return read(self.cfg, name)
+        except KeyError as exc:
+            raise ReportDataError(exc.args[0] if exc.args else str(exc)) from None
 
     def stage_of(self, name: str) -> str:
         parts = name.split("/")

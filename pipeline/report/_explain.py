@@ -1,7 +1,9 @@
 """Explanations: per-cluster SHAP importance beside the global model's, how much the rankings
 agree (Kendall's tau, top-k overlap), and the beeswarm plots the explain stage drew.
 
-From ``shap/importance``, ``shap/comparison`` and ``shap/plots/*.png`` (pipeline/explain.py).
+From ``shap/importance``, ``shap/comparison`` and the beeswarms under ``shap/plots/`` (all owned
+by pipeline/explain.py; a beeswarm is found from its importance row through
+:func:`pipeline.explain.beeswarm_name`, never by parsing file names).
 """
 
 from __future__ import annotations
@@ -10,11 +12,11 @@ import numpy as np
 import pandas as pd
 
 from pipeline import storage, tables
+from pipeline.explain import COMPARISON, IMPORTANCE, PLOTS, beeswarm_name
 from pipeline.report import _plots as P
 from pipeline.report._context import Context, note, require, table_html
 
 TITLE = "Explanations"
-IMPORTANCE, COMPARISON, PLOTS = "shap/importance", "shap/comparison", "shap/plots"
 # Features shown side by side (the union of each column's top features, capped).
 MAX_FEATURES = 15
 
@@ -33,14 +35,14 @@ def build(ctx: Context) -> list[str]:
     for (model, sampling), g in imp.groupby(["model", "sampling"], sort=True):
         title = f"{model}, sampling = {sampling}"
         out.append(ctx.part(f"{title}: importance by cluster",
-                            lambda: _side_by_side(ctx, model, sampling, g)))
+                            lambda: _side_by_side(ctx, model, sampling, g, comp)))
         if comp is None:
             out.append(ctx.missing(COMPARISON))
         else:
             c = comp[(comp["model"] == model) & (comp["sampling"] == sampling)]
             out.append(ctx.part(f"{title}: rank agreement", lambda: _agreement(ctx, model,
                                                                                 sampling, c)))
-    out.append(ctx.part("Beeswarms", lambda: _beeswarms(ctx)))
+    out.append(ctx.part("Beeswarms", lambda: _beeswarms(ctx, imp)))
     return out
 
 
@@ -67,9 +69,14 @@ def _columns(g: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     return cols
 
 
-def _side_by_side(ctx: Context, model: str, sampling: str, g: pd.DataFrame) -> list[str]:
+def _side_by_side(ctx: Context, model: str, sampling: str, g: pd.DataFrame,
+                  comp: pd.DataFrame | None) -> list[str]:
     cols = _columns(g)
-    k = ctx.cfg.explain.top_k
+    # top-k as explain compared the rankings (shap/comparison's k); without comparison rows
+    # there is at most one column, and MAX_FEATURES of it are shown
+    ks = comp.loc[(comp["model"] == model) & (comp["sampling"] == sampling), "k"] \
+        if comp is not None and "k" in comp.columns else pd.Series(dtype=int)
+    k = int(ks.iloc[0]) if len(ks) else MAX_FEATURES
     feats: list[str] = []
     for _, d in cols:
         for f in d.sort_values("rank")["feature"].head(k):
@@ -154,21 +161,23 @@ def _agreement(ctx: Context, model: str, sampling: str, c: pd.DataFrame) -> list
                                  "first")]
 
 
-def _beeswarms(ctx: Context) -> list[str]:
+def _beeswarms(ctx: Context, imp: pd.DataFrame) -> list[str]:
     loc = tables.location(ctx.cfg, PLOTS)
-    files = sorted(i.path for i in storage.list_files(loc)
-                   if i.path.rsplit("/", 1)[-1].startswith("beeswarm") and i.path.endswith(".png"))
-    if not files:
-        return [ctx.missing(PLOTS, "<code>shap/plots/beeswarm*.png</code>")]
+    have = {i.path.rsplit("/", 1)[-1] for i in storage.list_files(loc)}
+    keys = imp[["model", "sampling", "trained_on", "cluster"]].drop_duplicates()
     figs = []
-    for path in files:
-        name = path.rsplit("/", 1)[-1][:-4]
-        parts = name.split("__")  # beeswarm__<model>__<sampling>__<trained_on>__<where>
-        caption = " · ".join(parts[1:]).replace("_", " ") if len(parts) > 1 else name
-        data = storage.read_bytes(storage.Location(loc.fs, path, f"{loc.uri}/{name}.png"))
-        figs.append(ctx.copy_image(data, f"shap-{name}", f"SHAP beeswarm: {caption}"))
+    for r in keys.sort_values(["model", "sampling", "trained_on", "cluster"],
+                              na_position="first").itertuples(index=False):
+        cluster = None if pd.isna(r.cluster) else int(r.cluster)
+        name = beeswarm_name(r.model, r.sampling, r.trained_on, cluster)
+        if name not in have:  # e.g. the global model on a cluster that has its own model
+            continue
+        where = "all rows" if cluster is None else f"cluster {cluster}"
+        caption = f"{r.model} · {r.sampling} · {r.trained_on} model · {where}"
+        data = storage.read_bytes(loc.join(name))
+        figs.append(ctx.copy_image(data, f"shap-{name[:-4]}", f"SHAP beeswarm: {caption}"))
+    if not figs:
+        return [ctx.missing(PLOTS, "<code>shap/plots/beeswarm*.png</code>")]
     return [note("Drawn by the explain stage (each dot is one test image; colour = the "
                  "feature's value, position = its SHAP value)."),
             f'<div class="gallery">{"".join(figs)}</div>']
-
-

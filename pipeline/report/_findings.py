@@ -22,14 +22,15 @@ import numpy as np
 import pandas as pd
 
 from pipeline.audit import ISSUE_RATES as LABEL_ISSUE_RATES
-from pipeline.classify import SEP
-from pipeline.explain import values_schema
+from pipeline.classify import FINDINGS_TABLE as FINDINGS
+from pipeline.classify import METRICS_TABLE as METRICS
+from pipeline.classify import SEP, read_settings
+from pipeline.explain import VALUES, values_schema
 from pipeline.report._context import Context, h, note, require, table_html
 from pipeline.report._quality import label_noise_findings
 
 TITLE = "Findings"
-FINDINGS, METRICS, VALUES, MANIFEST = ("classifiers/findings", "classifiers/metrics",
-                                       "shap/values", "manifest")
+MANIFEST = "manifest"
 MAX_FINDINGS = 8  # sentences about surviving gaps
 MAX_NOT_SURVIVING = 5  # large-looking gaps that do not survive
 SHAP_FEATURES = 3  # features named per finding
@@ -130,7 +131,8 @@ def _base(metric: str) -> str:
 class _Writer:
     def __init__(self, ctx: Context, f: pd.DataFrame, m: pd.DataFrame):
         self.ctx, self.f, self.m = ctx, f, m
-        self.target = ctx.cfg.classify.target
+        self.run = ctx.recorded(read_settings, FINDINGS)  # what the findings were made with
+        self.target = self.run.target
         per = m[~m["evaluated_on"].astype(str).str.startswith("gap:")]
         self.per = per.set_index(["model", "sampling", "trained_on", "group_by", "group",
                                   "metric"]).sort_index()
@@ -162,13 +164,12 @@ class _Writer:
         f = self.f
         tested = f["p_value"].notna()
         sig = f["significant"].astype(bool)
-        md = self.ctx.table_metadata(FINDINGS)  # the settings the table was made with
-        perms = int(md.get("permutations", self.ctx.cfg.classify.permutations))
+        perms = self.run.permutations
         text = (f"Of {len(f):,} gap rows ({tested.sum():,} with a test), <b>{sig.sum():,}</b> "
                 f"survive the {self.correction} correction at α = {self.alpha:g}. Each p-value "
                 f"comes from {perms:,} random shuffles of the group labels on the test rows "
                 f"(smallest possible p = {1 / (1 + perms):.1e}); [brackets] are "
-                f"{self.ctx.cfg.classify.ci_level:.0%} bootstrap intervals.")
+                f"{self.run.ci_level:.0%} bootstrap intervals.")
         small = {}
         for gb, lst in zip(f["group_by"], f["too_small"]):
             if lst is not None and len(lst):
@@ -177,7 +178,7 @@ class _Writer:
             listed = "; ".join(f"{h(_grouping_words(g))}: {h(', '.join(v[:4]))}"
                                + (f" and {len(v) - 4} more" if len(v) > 4 else "")
                                for g, v in sorted(small.items()))
-            text += (f" Groups with fewer than {self.ctx.cfg.classify.min_group_size} test rows "
+            text += (f" Groups with fewer than {self.run.min_group_size} test rows "
                      f"were too small to score: {listed}.")
         return note(text)
 

@@ -1,14 +1,18 @@
 """Models: every network the run used, which weights it had and where they came from.
 
-Read from the features files' metadata (written by extract) and the resolved config; the dlib
+Read from the features files' metadata (written by extract) and train's ``model.json``; the dlib
 embedding's face-detection count comes from ``features.face_detected``.
 """
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 
+from pipeline import storage
 from pipeline.report._context import Context, h, note, table_html
+from pipeline.train import MODEL_DIR
 
 TITLE = "Models and weights"
 
@@ -30,15 +34,21 @@ def _init(spec: str) -> str:
     return f"the state dict {spec}"
 
 
+def _model_json(ctx: Context) -> dict:
+    loc = ctx.root.join(*MODEL_DIR.split("/"), "model.json")
+    return json.loads(storage.read_bytes(loc)) if storage.exists(loc) else {}
+
+
 def _networks(ctx: Context, meta: dict[str, str]) -> list[str]:
-    t = ctx.cfg.train
+    info = _model_json(ctx)  # what train recorded, not this report's config
+    init = (f"; backbone initialised from {_init(info['pretrained'])}" if info.get("pretrained")
+            else "; backbone initialisation not recorded (model.json predates it)")
     rows = [{
         "role": "attribute model (p_* columns)",
-        "model": meta.get("faceaudit.attribute_model", t.arch),
+        "model": meta.get("faceaudit.attribute_model", info.get("arch", "?")),
         "weights": meta.get("faceaudit.attribute_model_version", "?"),
         "origin": (meta.get("faceaudit.attribute_model_origin")
-                   or "trained by this run's train_attributes stage")
-        + f"; backbone initialised from {_init(t.pretrained)}",
+                   or "trained by this run's train_attributes stage") + init,
     }, {
         "role": f"embedding ({meta.get('faceaudit.embedding_dim', '?')}-d, embedding space)",
         "model": meta.get("faceaudit.embedding_model", "?"),

@@ -14,7 +14,7 @@ import pandas as pd
 from pipeline.audit import (DUPLICATES, ISSUE_RATES, LABEL_CONFLICTS, LABEL_ISSUES,
                             LEAKAGE_COUNTS, SUMMARY)
 from pipeline.report import _plots as P
-from pipeline.report._context import Context, h, note, require, table_html
+from pipeline.report._context import Context, ReportDataError, h, note, require, table_html
 from pipeline.report._faces import FaceReader
 
 TITLE = "Data quality"
@@ -52,7 +52,14 @@ def _metric(s: pd.DataFrame, metric: str, attribute: str | None = None) -> float
 
 def _counts(ctx: Context, s: pd.DataFrame) -> list[str]:
     require(s, ("metric", "attribute", "value"), SUMMARY)
-    a = ctx.cfg.audit
+    # the settings audit ran with, from its own tables: the threshold is a summary row, the
+    # action is in the summary's metadata
+    threshold = _metric(s, "near_threshold")
+    action = ctx.table_metadata(SUMMARY).get("action")
+    if threshold is None or action is None:
+        raise ReportDataError(f"{SUMMARY} lacks the near_threshold row or the action metadata "
+                              "(written by an older audit stage): rerun audit "
+                              "(python -m jobs.audit --force)")
 
     def val(m, attr=None):
         v = _metric(s, m, attr)
@@ -64,7 +71,7 @@ def _counts(ctx: Context, s: pd.DataFrame) -> list[str]:
         ("… of them with conflicting labels", val("exact_groups_conflicting"),
          "the race / age / attribute analysis is told two different things about one face"),
         ("near-duplicate groups (images)", f"{val('near_groups')} ({val('near_images')})",
-         f"embedding cosine distance ≤ {a.near_threshold:g}: near-identical frames"),
+         f"embedding cosine distance ≤ {threshold:g}: near-identical frames"),
         ("… of them with conflicting labels", val("near_groups_conflicting"),
          "frames of one moment labelled differently (noise, or the label is subjective)"),
         ("exact-duplicate groups across splits", val("leaking_groups", "exact_duplicate"),
@@ -74,7 +81,7 @@ def _counts(ctx: Context, s: pd.DataFrame) -> list[str]:
         ("identities in more than one split", val("leaking_groups", "identity"),
          "a person seen in training: scores measure recognition, not the attribute"),
         ("images dropped (audit.action)", val("dropped_images"),
-         f"audit.action = {a.action}; listed in errors/audit.parquet"),
+         f"audit.action = {action}; listed in errors/audit.parquet"),
     ]
     t = pd.DataFrame(rows, columns=["what", "count", "what it could do to the analysis"])
     p01, p50 = _metric(s, "nearest_distance_p01"), _metric(s, "nearest_distance_p50")
@@ -82,10 +89,10 @@ def _counts(ctx: Context, s: pd.DataFrame) -> list[str]:
     if p50 is not None:
         extra = (f"<p class=\"small\">Each image's nearest other image lies at cosine distance "
                  f"{p01:.4f} (1st percentile) / {p50:.4f} (median); the near-duplicate threshold "
-                 f"is {a.near_threshold:g}. A threshold near the median means the embedding "
+                 f"is {threshold:g}. A threshold near the median means the embedding "
                  f"does not separate faces and the near groups are not meaningful.</p>")
-    if p50 is not None and a.near_threshold >= p50:
-        extra += note(f"The near-duplicate threshold ({a.near_threshold:g}) is at or above the "
+    if p50 is not None and threshold >= p50:
+        extra += note(f"The near-duplicate threshold ({threshold:g}) is at or above the "
                       f"median nearest-neighbour distance ({p50:.4f}): this embedding does not "
                       "tell faces apart at that scale, so the near-duplicate counts say little "
                       "(exact duplicates are unaffected). Use a face embedding or lower "

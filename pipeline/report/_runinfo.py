@@ -77,7 +77,8 @@ def _config(ctx: Context) -> list[str]:
     loc = ctx.root.join("config.toml")
     if storage.exists(loc):
         text = storage.read_bytes(loc).decode(errors="replace")
-        src = "<code>config.toml</code> as written next to the outputs"
+        src = ("<code>config.toml</code> as written next to the outputs by the last stage that "
+               "wrote tables (the report never rewrites it)")
     else:
         from pipeline.config import dump_toml
 
