@@ -13,21 +13,15 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from pipeline import explain, storage, tables
+from pipeline.classify import MODELS_SCHEMA, dataset_schema, model_file, model_key
 from tests.conftest import s3_overrides
 from tests.helpers import tiny_config
 
 FEATURES = [f"p_f{i}" for i in range(6)]
 PLANTED, PLANTED_CLUSTER, OTHER = "p_f3", 2, "p_f0"
 
-DATASET_SCHEMA = pa.schema(
-    [pa.field("image_id", pa.string()), pa.field("split", pa.string()),
-     pa.field("cluster", pa.int32()), pa.field("target", pa.bool_())]
-    + [pa.field(f, pa.float64()) for f in FEATURES])
-MODELS_SCHEMA = pa.schema([
-    pa.field("model", pa.string()), pa.field("sampling", pa.string()),
-    pa.field("trained_on", pa.string()), pa.field("cluster", pa.int32()),
-    pa.field("path", pa.string()), pa.field("features", pa.list_(pa.string())),
-    pa.field("n_train", pa.int64()), pa.field("target", pa.string())])
+# classify's own schemas: these tables are what classify writes
+DATASET_SCHEMA = dataset_schema(FEATURES)
 
 
 def _estimator(name: str):
@@ -65,11 +59,12 @@ def write_classify_outputs(cfg, n: int = 800, k: int = 4, seed: int = 0,
                 continue
             m = (split == "train") & ((cluster == c) if c is not None else True)
             est = _estimator(name).fit(X[m], y[m])
-            path = f"classifiers/models/{name}__none__{trained_on}.skops"
+            path = model_file(model_key(name, "none", trained_on))
             storage.write_bytes(tables.root(cfg).join(*path.split("/")), sio.dumps(est))
             rows.append({"model": name, "sampling": "none", "trained_on": trained_on,
                          "cluster": c, "path": path, "features": FEATURES,
-                         "n_train": int(m.sum()), "target": "Attractive"})
+                         "n_train": int(m.sum()), "target": "Attractive", "threshold": 0.5,
+                         "n_train_positive": int(y[m].sum())})
     tables.replace(cfg, "classifiers/models", pa.Table.from_pylist(rows, schema=MODELS_SCHEMA),
                    schema=MODELS_SCHEMA)
 
@@ -104,7 +99,7 @@ def test_tables_follow_their_schemas_and_values_add_up(explained):
         rows = t[(t.model == name) & (t.trained_on == "global")]
         model, _ = explain.load_model(cfg, explain.ModelSpec(
             name, "none", "global", None,
-            f"classifiers/models/{name}__none__global.skops", tuple(FEATURES)))
+            model_file(model_key(name, "none", "global")), tuple(FEATURES)))
         expect = explain.model_output(model, data.loc[rows.image_id, FEATURES].to_numpy(), out)
         np.testing.assert_allclose(rows["model_output"], expect, atol=1e-12)
         assert (rows["cluster"].to_numpy() == data.loc[rows.image_id, "cluster"].to_numpy()).all()
@@ -247,7 +242,7 @@ def test_model_file_that_disagrees_with_its_table_is_an_error(tmp_path, ray_sess
     write_classify_outputs(cfg, models=("random_forest",), global_only=())
     rng = np.random.default_rng(0)
     wrong = RandomForestClassifier(n_estimators=3).fit(rng.normal(size=(50, 3)), rng.random(50) > .5)
-    path = "classifiers/models/random_forest__none__cluster_1.skops"
+    path = model_file(model_key("random_forest", "none", "cluster_1"))
     storage.write_bytes(tables.root(cfg).join(*path.split("/")), sio.dumps(wrong))
     with pytest.raises(explain.ExplainError, match="random_forest__none__cluster_1.*3 features"):
         explain.run(cfg)

@@ -65,7 +65,7 @@ def _savetxt_payload(target: Path) -> bytes:
 def test_1_planted_model_file_runs_no_code_and_paths_stay_inside(tmp_path):
     cfg = tiny_config(tmp_path)
     target = tmp_path / "pwned.txt"
-    rel = "classifiers/models/random_forest__none__global.skops"
+    rel = "classifiers/model_files/random_forest__none__global.skops"
     model_file = Path(cfg.output.root) / rel
     model_file.parent.mkdir(parents=True)
     model_file.write_bytes(_savetxt_payload(target))
@@ -78,12 +78,13 @@ def test_1_planted_model_file_runs_no_code_and_paths_stay_inside(tmp_path):
         classify_load_model(cfg, rel)
     assert not target.exists()
 
-    # a path in classifiers/models that leaves the output root is refused, symlinks included
+    # a path in the classifiers/models index that leaves the output root is refused, symlinks
+    # included
     outside = tmp_path / "outside.skops"
     outside.write_bytes(model_file.read_bytes())
-    (Path(cfg.output.root) / "classifiers/models/link.skops").symlink_to(outside)
+    (Path(cfg.output.root) / "classifiers/model_files/link.skops").symlink_to(outside)
     for bad in ("../outside.skops", str(outside), "classifiers/../../outside.skops",
-                "classifiers/models/link.skops"):
+                "classifiers/model_files/link.skops"):
         with pytest.raises(explain.ExplainError, match="refusing it"):
             explain.load_model(cfg, explain.ModelSpec("m", "none", "global", None, bad, ()))
     assert not target.exists()
