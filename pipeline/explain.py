@@ -151,6 +151,10 @@ def values_schema(features: list[str]) -> pa.Schema:
     return pa.schema(_VALUE_BASE_FIELDS + [pa.field(f, pa.float64()) for f in features])
 
 
+# Every table the stage writes (values' schema depends on the models' features, hence a function)
+SCHEMAS = {VALUES: values_schema, IMPORTANCE: IMPORTANCE_SCHEMA, COMPARISON: COMPARISON_SCHEMA}
+
+
 class ExplainError(RuntimeError):
     """The explain stage cannot proceed; the message says what was expected and found."""
 

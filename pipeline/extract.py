@@ -67,6 +67,7 @@ from pipeline.images import ImageRejected, open_limited, read_limited
 log = logging.getLogger(__name__)
 
 STAGE = "extract"
+FEATURES = "features"  # table: features_schema(attributes, dim)
 # Bumped when the meaning of the features table changes (preprocessing, column layout).
 FEATURES_FORMAT = "2"  # 2: content_hash column
 STATE = "_state/extract.json"
@@ -92,6 +93,9 @@ def features_schema(attributes: list[str], dim: int, face_detected: bool = False
     if face_detected:
         fields.append(pa.field("face_detected", pa.bool_(), nullable=False))
     return pa.schema(fields)
+
+
+SCHEMAS = {FEATURES: features_schema}  # every table the stage writes (besides errors/)
 
 
 _ROUTING = ("image_id", "uri", "shard", "error")

@@ -45,12 +45,13 @@ import pyarrow as pa
 
 from pipeline import storage, tables
 from pipeline.config import Config
-from pipeline.schemas import ERRORS_SCHEMA, LANDMARKS, SPLITS, manifest_schema
+from pipeline.schemas import ERRORS_SCHEMA, LANDMARKS, MANIFEST, SPLITS, manifest_schema
 from pipeline.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
 STAGE = "ingest"
+SCHEMAS = {MANIFEST: manifest_schema}  # every table the stage writes (besides errors/)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 # Where each CelebA file may sit under the root, in order of preference (txt before Kaggle csv).

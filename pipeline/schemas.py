@@ -18,6 +18,11 @@ LANDMARKS: tuple[str, ...] = (
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
+# The two tables every stage reads: the manifest (written by ingest) and errors/ (one file per
+# stage, see pipeline.tables.write_errors).
+MANIFEST = "manifest"
+ERRORS = "errors"
+
 
 def manifest_schema(attributes: list[str] | tuple[str, ...] = CELEBA_ATTRIBUTES) -> pa.Schema:
     """One row per image. ``attributes`` are the dataset's annotated boolean attributes."""

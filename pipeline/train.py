@@ -85,6 +85,8 @@ HISTORY_SCHEMA = pa.schema([
     pa.field("seconds", pa.float64()),  # wall time of the epoch (training + validation)
 ])
 
+SCHEMAS = {METRICS: METRICS_SCHEMA, HISTORY: HISTORY_SCHEMA}  # every table the stage writes
+
 
 class TrainInputError(ValueError):
     """The manifest or config cannot be trained on; raised before any training starts."""

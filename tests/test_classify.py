@@ -3,6 +3,8 @@ scikit-learn / fairlearn, skops round trip, schemas, target never a feature."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -11,7 +13,7 @@ from fairlearn.metrics import (MetricFrame, demographic_parity_difference,
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, f1_score, precision_score,
                              recall_score, roc_auc_score)
 
-from pipeline import tables
+from pipeline import classify, tables
 from pipeline.classify import (FINDINGS_SCHEMA, METRICS_SCHEMA, MODELS_SCHEMA, PREDICTIONS_SCHEMA,
                                SEP, dataset_schema, load_model, run)
 from pipeline.classify._evaluate import METRICS, bootstrap_weights, evaluate, weighted_metrics
@@ -128,6 +130,17 @@ def test_outputs_follow_schemas_and_contract(stage_run):
     small_groups = result["significance"]["too_small"]
     assert crossed == (set(m.group_by) & crossed) | set(small_groups)
     assert all(g in small_groups for g in crossed - set(m.group_by))
+    # the index folder holds only Parquet; every model file is in its own folder, named by key
+    root = Path(cfg.output.root)
+    assert sorted(p.suffix for p in (root / "classifiers/models").iterdir()) == [".parquet"]
+    assert sorted(models.path) == sorted(
+        classify.model_file(classify.model_key(r.model, r.sampling, r.trained_on))
+        for r in models.itertuples())
+    assert sorted(p.name for p in (root / classify.MODEL_FILES).iterdir()) == sorted(
+        p.rsplit("/", 1)[-1] for p in models.path)
+    # what the report reads back: the settings the stage ran with
+    for name in (classify.METRICS_TABLE, classify.FINDINGS_TABLE):
+        assert classify.read_settings(cfg, name) == classify.Settings.from_config(cfg)
     # intersectional groups below classify.min_group_size (30 test rows) are not scored
     small = m[m.group_by.isin(crossed) & ~m.evaluated_on.str.startswith("gap:")]
     assert (small.n >= 30).all()

@@ -1,7 +1,11 @@
 """The whole pipeline on a tiny generated sample: every table matches its declared schema,
-the features/errors rows account for every manifest image, and a rerun skips every stage."""
+every table folder holds only Parquet and opens in Spark, DuckDB and polars, the
+features/errors rows account for every manifest image, and a rerun skips every stage."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -87,6 +91,53 @@ def test_tables_match_their_declared_schemas(finished_run):
     _same(_schema_of(cfg, "shap/comparison"), explain.COMPARISON_SCHEMA, "shap comparison")
     values = _schema_of(cfg, "shap/values")
     _same(values, explain.values_schema(feature_cols), "shap values")
+
+
+def _table_folders(root: Path) -> dict[str, Path]:
+    """Every folder of the run that holds a Parquet file, by its name under the root."""
+    out = {}
+    for folder, _, files in os.walk(root):
+        if any(f.endswith(".parquet") for f in files):
+            out[Path(folder).relative_to(root).as_posix()] = Path(folder)
+    return out
+
+
+def test_every_table_folder_is_only_parquet_and_opens_in_spark_duckdb_polars(finished_run):
+    import duckdb
+    import polars as pl
+    from pyspark.sql import SparkSession
+
+    cfg, _ = finished_run
+    root = Path(cfg.output.root)
+    folders = _table_folders(root)
+    # every table of every stage is among them (the model files have a folder of their own)
+    assert {"manifest", "errors", "features", "models/attributes/metrics",
+            "models/attributes/history", *cluster.SCHEMAS, *audit.SCHEMAS,
+            classify.DATASET_TABLE, classify.MODELS_TABLE, classify.METRICS_TABLE,
+            classify.PREDICTIONS_TABLE, classify.FINDINGS_TABLE, explain.VALUES,
+            explain.IMPORTANCE, explain.COMPARISON} <= set(folders)
+    assert classify.MODEL_FILES not in folders and any((root / classify.MODEL_FILES).iterdir())
+    for name, folder in folders.items():
+        others = sorted(p.name for p in folder.iterdir() if p.is_file()
+                        and not p.name.endswith(".parquet"))
+        assert not others, f"{name}/ mixes {others} with its Parquet files"
+
+    rows = {name: tables.read(cfg, name).num_rows for name in folders}
+    spark = (SparkSession.builder.master("local[1]").appName("faceaudit-table-folders")
+             .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "1")
+             .getOrCreate())
+    try:
+        for name, folder in folders.items():
+            # a user's read of a table folder: the folder itself, no file list
+            assert spark.read.parquet(str(folder)).count() == rows[name], f"spark: {name}"
+    finally:
+        spark.stop()
+    for name, folder in folders.items():
+        glob = str(folder / "*.parquet")
+        assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{glob}', union_by_name=true)"
+                          ).fetchone()[0] == rows[name], f"duckdb: {name}"
+        assert pl.scan_parquet(glob).select(pl.len()).collect().item() == rows[name], \
+            f"polars: {name}"
 
 
 def test_every_manifest_image_is_a_feature_row_or_an_error(finished_run):

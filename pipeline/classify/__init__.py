@@ -111,7 +111,12 @@ from pipeline.classify._tables import (DATASET_TABLE, FINDINGS_TABLE, GLOBAL, ME
                                        read_settings)
 from pipeline.modelfiles import TRUSTED_TYPES  # the one allow-list of model-file types
 
-__all__ = ["run", "dataset_schema", "MODELS_SCHEMA", "METRICS_SCHEMA", "PREDICTIONS_SCHEMA",
+# Every table the stage writes (the dataset's schema depends on the features, hence a function)
+SCHEMAS = {DATASET_TABLE: dataset_schema, MODELS_TABLE: MODELS_SCHEMA,
+           METRICS_TABLE: METRICS_SCHEMA, PREDICTIONS_TABLE: PREDICTIONS_SCHEMA,
+           FINDINGS_TABLE: FINDINGS_SCHEMA}
+
+__all__ = ["run", "SCHEMAS", "dataset_schema", "MODELS_SCHEMA", "METRICS_SCHEMA", "PREDICTIONS_SCHEMA",
            "FINDINGS_SCHEMA", "SEP", "DATASET_TABLE", "MODELS_TABLE", "METRICS_TABLE",
            "PREDICTIONS_TABLE", "FINDINGS_TABLE",
            "MODEL_FILES", "GLOBAL", "PER_CLUSTER", "model_key", "model_file", "read_models", "Settings", "read_settings",
