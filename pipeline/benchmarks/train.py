@@ -3,7 +3,8 @@
 
 Training throughput of the train_attributes stage (Ray Train workers fed from images decoded once
 into the object store, or by Ray Data decode tasks when they do not fit) against the plainest
-PyTorch loop on the same machine: one process, a ``torch.utils.data.DataLoader`` with
+PyTorch loop on the same machine: one process (a Ray worker, so that it runs at the same OS
+priority as the stage's workers), a ``torch.utils.data.DataLoader`` with
 ``num_workers=0`` over the same image files, the same decoder, augmentation, model, loss,
 optimizer and batch size, reshuffled every epoch.
 
@@ -43,7 +44,7 @@ def run(cfg: Config, steps: int = 0, epochs: int = 3, rows: int = 0, eval_rows: 
         threaded: bool = True) -> dict:
     import os
 
-    import torch
+    import ray
 
     from pipeline.ray_runtime import ensure_ray, resolve_use_gpu
 
@@ -67,17 +68,15 @@ def run(cfg: Config, steps: int = 0, epochs: int = 3, rows: int = 0, eval_rows: 
     load = os.getloadavg()
     # the loop on the stage's thread count runs right before and right after the stage and its
     # mean is the baseline: on a shared machine the load moves by several x within minutes
-    device = torch.device("cuda" if use_gpu else "cpu")  # where the stage's workers run
-    all_threads = torch.get_num_threads()
+    all_threads = max(1, int(ray.cluster_resources().get("CPU", 1)))
     same = max(1, int(world * cfg.train.cpus_per_worker))
 
     def loop(threads: int) -> dict:
-        torch.set_num_threads(threads)
-        try:
-            return baseline_loop(cfg, splits["train"], attributes, per_epoch, device,
-                                 epochs=epochs)
-        finally:
-            torch.set_num_threads(all_threads)
+        # in a Ray worker, as the stage's training worker is: Ray starts workers at nice +15, so
+        # a loop in this process would get several times their share of a loaded machine
+        task = ray.remote(num_cpus=threads, num_gpus=1 if use_gpu else 0)(_loop_task)
+        return ray.get(task.remote(cfg, splits["train"], attributes, per_epoch, use_gpu,
+                                   epochs, threads))
 
     before = loop(same)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
@@ -134,6 +133,18 @@ def stage_throughput(cfg: Config, manifest: pa.Table, steps: int, eval_rows: int
     return {"images_per_s": round(images / seconds, 2), "wall_s": round(wall, 2),
             "epoch_images_per_s": [round(h["images_per_s"], 1) for h in history],
             "num_workers": result["num_workers"], "use_gpu": result["use_gpu"], "feed": feed}
+
+
+def _loop_task(cfg: Config, rows: pa.Table, attributes: list[str], steps: int, use_gpu: bool,
+               epochs: int, threads: int) -> dict:
+    import os
+
+    import torch
+
+    torch.set_num_threads(threads)
+    out = baseline_loop(cfg, rows, attributes, steps,
+                        torch.device("cuda" if use_gpu else "cpu"), epochs=epochs)
+    return {**out, "niceness": os.nice(0)}
 
 
 def _fits_cache(cfg: Config, manifest: pa.Table) -> bool:
