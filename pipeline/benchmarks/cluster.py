@@ -5,9 +5,8 @@ Two measurements on generated data (no inputs needed, so it runs anywhere):
 
 1. **Sweep, sequential vs Ray.** ``spaces`` generated matrices of ``rows`` x ``dim`` (planted
    Gaussian clusters) go through the stage's own sweep (:func:`pipeline.cluster.run_sweep`,
-   the config's algorithms and k range): one spec after another in one Ray worker (the same OS
-   priority as the tasks: Ray starts workers at nice +15, so a loop in the driver would get
-   several times a task's share of a loaded machine), twice —
+   the config's algorithms and k range): one spec after another in one Ray worker (the same
+   niceness, +15, and the same Linux autogroup, the Ray instance's, as the tasks), twice —
    with BLAS/OpenMP free to use every core (as a user's plain loop would run) and limited to
    one thread (``threadpoolctl``; what each Ray task gets, since Ray sets OMP_NUM_THREADS to a
    task's CPUs) — and once as Ray tasks on the same machine (``cluster.cpus_per_task`` CPUs
@@ -94,9 +93,9 @@ def run(cfg: Config, rows: int = 10000, dim: int = 50, spaces: int = 3, full_n: 
     cpus = cluster_cpus()
     warm = ray.remote(num_cpus=c.cpus_per_task)(_warm)
     ray.get([warm.remote() for _ in range(max(1, int(cpus / c.cpus_per_task)))])
-    # The loops run in a Ray worker too: Ray starts its workers at nice +15, so a loop in this
-    # process would get several times a task's share of a loaded machine. Their inputs are put
-    # once, before any clock starts, as the loop's own process would hold them in memory.
+    # The loops run in a Ray worker too, so both sides get the same niceness (+15) and the
+    # same scheduler group (autogroup). Their inputs are put once, before any clock starts, as
+    # the loop's own process would hold them in memory.
     loop_task = ray.remote(_loop)
     jobs_ref, specs_ref = ray.put(jobs), ray.put(specs)
 

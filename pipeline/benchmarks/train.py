@@ -72,8 +72,9 @@ def run(cfg: Config, steps: int = 0, epochs: int = 3, rows: int = 0, eval_rows: 
     same = max(1, int(world * cfg.train.cpus_per_worker))
 
     def loop(threads: int) -> dict:
-        # in a Ray worker, as the stage's training worker is: Ray starts workers at nice +15, so
-        # a loop in this process would get several times their share of a loaded machine
+        # in a worker of the stage's Ray instance: the same niceness (Ray starts workers at
+        # +15) and the same scheduler group (Linux autogroup: one per session, and each Ray
+        # instance's raylet is its own) as the stage's training worker
         task = ray.remote(num_cpus=threads, num_gpus=1 if use_gpu else 0)(_loop_task)
         return ray.get(task.remote(cfg, splits["train"], attributes, per_epoch, use_gpu,
                                    epochs, threads))
