@@ -144,6 +144,10 @@ class TrainConfig(_Section):
     decode_cpus: float = Field(default=0.25, gt=0)
     # Manifest rows per Ray Data block (one decode task's unit of work).
     rows_per_block: int = Field(default=256, ge=1)
+    # Decode the train and val images once and keep them in Ray's object store (each epoch then
+    # draws batches from memory, no per-epoch Ray Data pipeline) when their decoded size is at
+    # most this many MiB and at most half the object store; 0 = always stream through Ray Data.
+    cache_decoded_mb: int = Field(default=4096, ge=0)
     # Local shuffle buffer on each training worker, in batches (0 = no shuffling within the buffer).
     shuffle_buffer_batches: int = Field(default=4, ge=0)
     # Checkpoints kept in storage: the best ones by val mean accuracy (the latest is always kept).

@@ -168,8 +168,11 @@ def _run(cfg: Config, *, fail_after_epoch: int | None = None) -> dict:
         steps_per_epoch = min(steps_per_epoch, t.max_steps_per_epoch)
 
     error_log = ray.remote(num_cpus=0)(_ErrorLog).remote()
-    datasets = {s: _image_dataset(cfg, splits[s], attributes, error_log)
-                for s in ("train", "val")}
+    # decoded once into the object store when it fits (decoding overlaps Ray Train's start-up),
+    # else a Ray Data pipeline per split that decodes again every epoch
+    cache = _cache_splits(cfg, {s: splits[s] for s in ("train", "val")}, attributes, error_log)
+    datasets = None if cache else {s: _image_dataset(cfg, splits[s], attributes, error_log)
+                                   for s in ("train", "val")}
     loop_config = {
         "attributes": attributes, "image_size": t.image_size, "epochs": t.epochs,
         "batch_size": t.batch_size, "lr": t.lr, "weight_decay": t.weight_decay,
@@ -180,7 +183,7 @@ def _run(cfg: Config, *, fail_after_epoch: int | None = None) -> dict:
         "max_steps_per_epoch": t.max_steps_per_epoch, "drop_last": drop_last,
         "shuffle_buffer": t.shuffle_buffer_batches * t.batch_size,
         "log_every": t.log_every_steps, "use_gpu": use_gpu, "fail_after_epoch": fail_after_epoch,
-        "prefetch_batches": t.prefetch_batches,
+        "prefetch_batches": t.prefetch_batches, "cache": cache,
     }
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     run_config = RunConfig(
@@ -479,25 +482,59 @@ class _ErrorLog:
         return [self._rows[k] for k in sorted(self._rows)]
 
 
-def _image_dataset(cfg: Config, rows: pa.Table, attributes: list[str], error_log):
-    """A Ray Dataset of decoded, resized images and their labels (lazy; streamed per epoch)."""
-    import ray.data
-
-    # Shuffle the (small) manifest rows once, seeded: blocks then mix attributes and identities
-    # instead of following image_id order; the per-epoch shuffle happens on the workers.
+def _row_blocks(cfg: Config, rows: pa.Table) -> list[pa.Table]:
+    """The split's manifest rows, shuffled once (seeded), in blocks of ``rows_per_block``: blocks
+    then mix attributes and identities instead of following image_id order."""
     order = np.random.default_rng(derive_seed(cfg.run.seed, STAGE, "block_order")) \
         .permutation(rows.num_rows)
     rows = rows.take(pa.array(order))
     k = cfg.train.rows_per_block
-    blocks = [rows.slice(i, k) for i in range(0, rows.num_rows, k)]
-    return ray.data.from_arrow(blocks).map_batches(
+    return [rows.slice(i, k) for i in range(0, rows.num_rows, k)]
+
+
+def _decode_kwargs(cfg: Config, attributes: list[str], error_log) -> dict:
+    return {"size": cfg.train.image_size, "attributes": attributes, "storage_cfg": cfg.storage,
+            "error_log": error_log, "max_pixels": cfg.data.max_image_pixels,
+            "max_bytes": cfg.data.max_image_bytes,
+            "decode_threads": _decode_threads(cfg.train.decode_cpus)}
+
+
+def _image_dataset(cfg: Config, rows: pa.Table, attributes: list[str], error_log):
+    """A Ray Dataset of decoded, resized images and their labels (lazy; streamed per epoch)."""
+    import ray.data
+
+    return ray.data.from_arrow(_row_blocks(cfg, rows)).map_batches(
         _decode_batch, batch_format="pyarrow", batch_size=None,
-        num_cpus=cfg.train.decode_cpus,
-        fn_kwargs={"size": cfg.train.image_size, "attributes": attributes,
-                   "storage_cfg": cfg.storage, "error_log": error_log,
-                   "max_pixels": cfg.data.max_image_pixels,
-                   "max_bytes": cfg.data.max_image_bytes,
-                   "decode_threads": _decode_threads(cfg.train.decode_cpus)})
+        num_cpus=cfg.train.decode_cpus, fn_kwargs=_decode_kwargs(cfg, attributes, error_log))
+
+
+def _cache_splits(cfg: Config, splits: dict[str, pa.Table], attributes: list[str],
+                  error_log) -> dict[str, list] | None:
+    """Decode every split once into Ray's object store, when it fits; else None (stream).
+
+    Returns, per split, the ObjectRefs of its decoded blocks (``_decode_batch``'s dicts), in block
+    order. The tasks are started here and not waited for: they decode while Ray Train starts its
+    workers, and a worker waits for what is left when its first epoch begins (inside the epoch's
+    timing). Fits = the decoded pixels are at most ``train.cache_decoded_mb`` and at most half the
+    object store, so training's own objects and a spill-free margin remain.
+    """
+    import ray
+
+    t = cfg.train
+    need = sum(r.num_rows for r in splits.values()) * t.image_size * t.image_size * 3
+    store = ray.cluster_resources().get("object_store_memory", 0)
+    if need > t.cache_decoded_mb * 2**20 or need > store / 2:
+        log.info("[%s] decoded images (%.0f MiB) do not fit train.cache_decoded_mb = %d MiB / "
+                 "half the object store (%.0f MiB): streamed through Ray Data every epoch",
+                 STAGE, need / 2**20, t.cache_decoded_mb, store / 2**21)
+        return None
+    decode = ray.remote(num_cpus=t.decode_cpus)(_decode_batch)
+    kwargs = _decode_kwargs(cfg, attributes, error_log)
+    out = {s: [decode.remote(b, **kwargs) for b in _row_blocks(cfg, rows)]
+           for s, rows in splits.items()}
+    log.info("[%s] decoding %s images once into the object store (%.0f MiB)", STAGE,
+             " + ".join(f"{r.num_rows} {s}" for s, r in splits.items()), need / 2**20)
+    return out
 
 
 def _decode_threads(cpus: float) -> int:
@@ -708,6 +745,63 @@ class _Collate(NumpyBatchCollateFn):
         return out
 
 
+class _CachedSplit:
+    """A split decoded once into the object store (:func:`_cache_splits`), on a training worker.
+
+    The blocks are fetched on the first call (the wait for decodes still running falls inside
+    the first epoch) and kept as zero-copy views of the object store. Each epoch takes a seeded
+    permutation of all rows (one for every rank, so the shards are disjoint) and gives this rank
+    every ``world``-th row of it: a full shuffle, not a local buffer, and the same number of rows
+    on every rank, as DDP needs (``world`` - 1 rows at most are left out per epoch, as
+    ``streaming_split(equal=True)`` does).
+    """
+
+    def __init__(self, refs: list):
+        self.refs, self.images = refs, None
+
+    def _load(self) -> int:
+        import ray
+
+        if self.images is None:
+            blocks = [b for b in ray.get(self.refs) if len(b["image"])]
+            self.images = [b["image"] for b in blocks]
+            self.ids = np.concatenate([b["image_id"] for b in blocks]) if blocks \
+                else np.zeros(0, dtype=object)
+            self.labels = np.concatenate([b["labels"] for b in blocks]) if blocks \
+                else np.zeros((0, 0), dtype=np.float32)
+            self.starts = np.cumsum([0] + [len(b) for b in self.images])
+        return int(self.starts[-1])
+
+    def _batch(self, rows: np.ndarray, collate: _Collate) -> dict:
+        block = np.searchsorted(self.starts, rows, side="right") - 1
+        images = np.stack([self.images[b][r - self.starts[b]] for b, r in zip(block, rows)])
+        out = collate({"image": images, "labels": self.labels[rows], "image_id": self.ids[rows]})
+        return {k: v.pin_memory() for k, v in out.items()} if self.pin else out
+
+    def batches(self, batch_size: int, rank: int, world: int, collate: _Collate, device, *,
+                order_seed: int | None, drop_last: bool, prefetch: int):
+        """This rank's batches of the epoch, on ``device``; ``order_seed`` None = file order.
+        ``prefetch`` batches are gathered and collated ahead on a thread, overlapping the step."""
+        from collections import deque
+
+        n = self._load()
+        used = n - n % world
+        order = np.arange(used) if order_seed is None \
+            else np.random.default_rng(order_seed).permutation(n)[:used]
+        mine = order[rank::world]
+        if drop_last and len(mine) >= batch_size:
+            mine = mine[:len(mine) - len(mine) % batch_size]
+        chunks = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+        self.pin = device.type == "cuda"
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            ahead = deque(pool.submit(self._batch, ch, collate) for ch in chunks[:prefetch])
+            for i in range(len(chunks)):
+                batch = ahead.popleft().result()
+                if i + prefetch < len(chunks):
+                    ahead.append(pool.submit(self._batch, chunks[i + prefetch], collate))
+                yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def _augment_params(n: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Per image: a horizontal flip (p=0.5) and a (dy, dx) shift of up to 1/16 of the size."""
     flip = rng.random(n) < 0.5
@@ -856,8 +950,12 @@ def _train_loop(c: dict) -> None:
             log.info("[%s] resuming from the checkpoint of epoch %d", STAGE, state["epoch"])
     pos_weight = torch.tensor(c["pos_weight"], device=device) if c["pos_weight"] else None
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    cache = c.get("cache")
+    if cache:  # decoded once (_cache_splits): batches come from memory, no pipeline per epoch
+        train_feed, val_feed = _CachedSplit(cache["train"]), _CachedSplit(cache["val"])
+    else:
+        train_shard = ray.train.get_dataset_shard("train")
+        val_shard = ray.train.get_dataset_shard("val")
     train_collate, val_collate = _Collate(c["seed"], c["augment"]), _Collate(c["seed"], False)
     amp = dict(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     normalize = _Normalize(device)
@@ -872,11 +970,18 @@ def _train_loop(c: dict) -> None:
         # the loss is summed on the device: no host sync per step (only every log_every steps)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         seen, epoch_steps, t_log, seen_log = 0, 0, time.time(), 0
-        for batch in train_shard.iter_torch_batches(
+        if cache:
+            batches = train_feed.batches(
+                c["batch_size"], rank, world, train_collate, device,
+                order_seed=derive_seed(c["seed"], STAGE, "order", epoch),
+                drop_last=c["drop_last"], prefetch=c["prefetch_batches"])
+        else:
+            batches = train_shard.iter_torch_batches(
                 batch_size=c["batch_size"], collate_fn=train_collate, drop_last=c["drop_last"],
                 local_shuffle_buffer_size=c["shuffle_buffer"] or None,
                 local_shuffle_seed=derive_seed(c["seed"], STAGE, "shuffle", epoch, rank),
-                **feed):
+                **feed)
+        for batch in batches:
             x, y = batch["image"], batch["labels"]
             if "flip" in batch:
                 x = _augment_on_device(x, batch["flip"], batch["shift"])
@@ -913,8 +1018,14 @@ def _train_loop(c: dict) -> None:
         v_correct = torch.zeros(n_attr, dtype=torch.float64, device=device)
         v_n = 0
         with torch.no_grad():
-            for batch in val_shard.iter_torch_batches(batch_size=c["batch_size"],
-                                                      collate_fn=val_collate, **feed):
+            if cache:
+                batches = val_feed.batches(c["batch_size"], rank, world, val_collate, device,
+                                           order_seed=None, drop_last=False,
+                                           prefetch=c["prefetch_batches"])
+            else:
+                batches = val_shard.iter_torch_batches(batch_size=c["batch_size"],
+                                                       collate_fn=val_collate, **feed)
+            for batch in batches:
                 x, y = normalize(batch["image"]), batch["labels"]
                 with torch.autocast(**amp):
                     logits = model(x.contiguous(memory_format=torch.channels_last)).float()

@@ -97,7 +97,9 @@ def test_two_cpu_workers_with_gloo_on_s3_storage(tmp_path, ray_session, s3_serve
 def test_killed_run_resumes_from_its_checkpoint(tmp_path, ray_session):
     from ray.train import Result
 
-    cfg = tiny_config(tmp_path, "train.epochs=2", "train.attributes=[\"Male\", \"Eyeglasses\"]")
+    # streamed through Ray Data (no object-store cache): the path splits too big to cache take
+    cfg = tiny_config(tmp_path, "train.epochs=2", "train.attributes=[\"Male\", \"Eyeglasses\"]",
+                      "train.cache_decoded_mb=0")
     write_tiny_manifest(cfg, N_IMAGES)
 
     with pytest.raises(Exception, match="injected failure after epoch 1"):
@@ -119,6 +121,36 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, ray_session):
     assert history[0]["seconds"] == pytest.approx(epoch1["seconds"])
     assert history[0]["train_loss"] == pytest.approx(epoch1["train_loss"])
     assert set(first) < set(_checkpoints(cfg))  # epoch 1's checkpoint kept, epoch 2's added
+
+
+def test_cached_split_gives_every_rank_an_equal_disjoint_reshuffled_share(ray_session):
+    # 3 blocks of 7, 0 (all images dropped by decoding) and 6 rows; pixel value = row number
+    sizes, blocks, row = [7, 0, 6], [], 0
+    for n in sizes:
+        ids = np.array([f"{i:03d}.jpg" for i in range(row, row + n)], dtype=object)
+        images = np.arange(row, row + n, dtype=np.uint8)[:, None, None, None] \
+            * np.ones((1, 4, 4, 3), np.uint8)
+        labels = np.arange(row, row + n, dtype=np.float32)[:, None]
+        blocks.append(ray_session.put({"image_id": ids, "image": images, "labels": labels}))
+        row += n
+    collate, cpu = train._Collate(0, augment=False), torch.device("cpu")
+
+    def epoch(seed, rank, world=2, **kw):
+        out = list(train._CachedSplit(blocks).batches(4, rank, world, collate, cpu,
+                                                      order_seed=seed, prefetch=2, **kw))
+        for b in out:  # image, label and id stay together; images arrive NCHW
+            assert b["image"].shape[1:] == (3, 4, 4)
+            assert torch.equal(b["image"][:, 0, 0, 0].float(), b["labels"][:, 0])
+        return [int(v) for b in out for v in b["labels"][:, 0]], [len(b["labels"]) for b in out]
+
+    r0, n0 = epoch(1, 0, drop_last=False)
+    r1, n1 = epoch(1, 1, drop_last=False)
+    assert not set(r0) & set(r1) and len(r0) == len(r1) == 6  # 13 rows: one left out
+    assert n0 == n1 == [4, 2]
+    assert epoch(2, 0, drop_last=False)[0] != r0  # another epoch, another order
+    assert epoch(1, 0, drop_last=False)[0] == r0  # the same seed, the same order
+    assert epoch(1, 0, drop_last=True)[1] == [4]  # the short last batch dropped
+    assert epoch(None, 0, world=1, drop_last=False)[0] == list(range(13))  # val: file order
 
 
 # ---------------------------------------------------------------- bad input, before any work

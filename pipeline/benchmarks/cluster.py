@@ -5,7 +5,8 @@ Two measurements on generated data (no inputs needed, so it runs anywhere):
 
 1. **Sweep, sequential vs Ray.** ``spaces`` generated matrices of ``rows`` x ``dim`` (planted
    Gaussian clusters) go through the stage's own sweep (:func:`pipeline.cluster.run_sweep`,
-   the config's algorithms and k range): one spec after another in this process, twice —
+   the config's algorithms and k range): one spec after another in one Ray worker (the same
+   niceness, +15, and the same Linux autogroup, the Ray instance's, as the tasks), twice —
    with BLAS/OpenMP free to use every core (as a user's plain loop would run) and limited to
    one thread (``threadpoolctl``; what each Ray task gets, since Ray sets OMP_NUM_THREADS to a
    task's CPUs) — and once as Ray tasks on the same machine (``cluster.cpus_per_task`` CPUs
@@ -55,6 +56,17 @@ def _warm() -> int:
     return os.getpid()
 
 
+def _loop(jobs: list[SpaceJob], specs: dict, threads: int) -> tuple[float, list]:
+    """The sweep one spec after another, BLAS / OpenMP limited to ``threads``; (seconds, results)."""
+    from threadpoolctl import threadpool_limits
+
+    _warm()
+    t0 = time.perf_counter()
+    with threadpool_limits(threads):
+        out = run_sweep(jobs, specs, parallel=False)
+    return time.perf_counter() - t0, out
+
+
 def run(cfg: Config, rows: int = 10000, dim: int = 50, spaces: int = 3, full_n: int = 202599,
         full_k: int = 5, full_kmeans: bool = False, repeat: int = 3,
         threaded: bool = True) -> dict:
@@ -76,28 +88,30 @@ def run(cfg: Config, rows: int = 10000, dim: int = 50, spaces: int = 3, full_n: 
         specs[name], _ = sweep_specs(cfg, job)
     n_tasks = sum(len(v) for v in specs.values())
 
-    from threadpoolctl import threadpool_limits
-
     load_before = os.getloadavg()[0]
-    seq_s = None
-    if threaded:
-        t0 = time.perf_counter()
-        seq = run_sweep(jobs, specs, parallel=False)
-        seq_s = time.perf_counter() - t0
-
     ensure_ray(cfg)
     cpus = cluster_cpus()
     warm = ray.remote(num_cpus=c.cpus_per_task)(_warm)
     ray.get([warm.remote() for _ in range(max(1, int(cpus / c.cpus_per_task)))])
+    # The loops run in a Ray worker too, so both sides get the same niceness (+15) and the
+    # same scheduler group (autogroup). Their inputs are put once, before any clock starts, as
+    # the loop's own process would hold them in memory.
+    loop_task = ray.remote(_loop)
+    jobs_ref, specs_ref = ray.put(jobs), ray.put(specs)
+
+    def loop(threads: int):
+        return ray.get(loop_task.options(num_cpus=threads).remote(jobs_ref, specs_ref, threads))
+
+    seq_s = None
+    if threaded:
+        seq_s, seq = loop(max(1, int(cpus)))
     # one-thread loop and Ray alternate ``repeat`` times: on a shared machine the load moves by
     # several x within minutes, so each pair is measured close together and the median kept
     seq1_times, ray_times, loads = [], [], []
     for _ in range(max(1, int(repeat))):
         loads.append(os.getloadavg()[0])
-        t0 = time.perf_counter()
-        with threadpool_limits(1):
-            seq1 = run_sweep(jobs, specs, parallel=False)
-        seq1_times.append(time.perf_counter() - t0)
+        seconds, seq1 = loop(1)
+        seq1_times.append(seconds)
         t0 = time.perf_counter()
         par = run_sweep(jobs, specs, parallel=True, cpus_per_task=c.cpus_per_task)
         ray_times.append(time.perf_counter() - t0)
