@@ -206,6 +206,40 @@ def test_near_pairs_same_in_any_block_size_and_groups_exclude_pure_copies():
     assert (near >= 0).sum() == 3
 
 
+@pytest.mark.parametrize("exact_max_rows", [10**6, 0], ids=["flat", "ivf"])
+def test_near_search_finds_the_brute_force_groups(exact_max_rows):
+    """Planted near copies (groups of 2-3, below k) and byte-identical twins among 4,000 random
+    rows: the faiss search, exact (flat) or approximate (IVF), gives brute force's pairs and
+    groups (brute force here: the whole cosine matrix, every pair within the threshold)."""
+    rng = np.random.default_rng(7)
+    n, dim, threshold = 4000, 32, 0.02
+    E = rng.normal(size=(n, dim)).astype(np.float32)
+    rows = rng.choice(n, size=300, replace=False)
+    for s, c1, c2 in rows.reshape(-1, 3)[:60]:  # a source and two near copies
+        E[c1] = E[s] + 0.05 * rng.normal(size=dim)
+        E[c2] = E[s] + 0.05 * rng.normal(size=dim)
+    for s, c, _ in rows.reshape(-1, 3)[60:]:  # a source and one near copy
+        E[c] = E[s] + 0.05 * rng.normal(size=dim)
+    E = audit.normalise(E)
+    hashes = np.array([f"h{i}" for i in range(n)], dtype=object)
+    twins = rng.choice(np.setdiff1d(np.arange(n), rows), size=20, replace=False)
+    for a_, b_ in twins.reshape(-1, 2):  # byte-identical files: equal hash, equal embedding
+        E[b_], hashes[b_] = E[a_], hashes[a_]
+    D = np.maximum(1.0 - E @ E.T, 0.0)
+    bi, bj = np.nonzero(np.triu(D <= threshold, k=1))
+    exact = audit.exact_groups(hashes)
+    want = audit.near_groups(n, bi, bj, D[bi, bj], exact)
+    i, j, d, nearest = audit.near_pairs(E, k=5, threshold=threshold, block_rows=512,
+                                        exact_max_rows=exact_max_rows, seed=3)
+    assert set(zip(i.tolist(), j.tolist())) == set(zip(bi.tolist(), bj.tolist()))
+    np.testing.assert_allclose(d, D[i, j], atol=1e-5)
+    got = audit.near_groups(n, i, j, d, exact)
+    np.testing.assert_array_equal(got, want)
+    assert (want >= 0).sum() == 60 * 3 + 40 * 2  # every planted group, twins apart
+    np.fill_diagonal(D, np.inf)
+    np.testing.assert_allclose(nearest[list(rows)], D[rows].min(1), atol=1e-5)
+
+
 def test_near_groups_do_not_chain():
     """A line of points each 0.9 thresholds from the next is one connected component, but no
     member of a group may be farther than the threshold from its leader."""

@@ -2,15 +2,14 @@
 
 Pure functions on one frame ``rows`` (one row per audited image: ``image_id``, ``split``,
 ``identity``, ``content_hash`` and the annotation columns) and, for near duplicates, the
-embedding matrix aligned with it. The neighbour search is cut into blocks of query rows so that
-a caller can run the blocks as Ray tasks (:func:`near_pairs` takes the block runner).
+embedding matrix aligned with it. The neighbour search is one faiss index queried in blocks of
+rows, so that a caller can run the blocks as Ray tasks (:func:`build_index`,
+:func:`neighbour_block`, :func:`pairs_from_neighbours`; :func:`near_pairs` runs them here).
 """
 
 from __future__ import annotations
 
 from itertools import combinations
-from typing import Callable
-
 import numpy as np
 import polars as pl
 
@@ -19,13 +18,14 @@ from pipeline.schemas import SPLITS
 # --------------------------------------------------------------------------- exact
 
 
-def exact_groups(hashes: np.ndarray) -> np.ndarray:
+def exact_groups(hashes: np.ndarray | pl.Series) -> np.ndarray:
     """Group id per row for byte-identical files (same ``content_hash``); -1 = no twin.
 
     Groups are numbered 0, 1, ... in the order of their first row (rows are sorted by image_id
     upstream, so the numbering is stable across reruns).
     """
-    df = pl.DataFrame({"h": hashes.astype(str)}).with_row_index("i")
+    h = hashes if isinstance(hashes, pl.Series) else pl.Series(np.asarray(hashes).astype(str))
+    df = pl.DataFrame({"h": h.cast(pl.String)}).with_row_index("i")
     first = df.group_by("h").agg(pl.col("i").min().alias("first"), pl.len().alias("n"))
     dup = first.filter(pl.col("n") > 1).sort("first").with_row_index("g")
     out = df.join(dup.select("h", "g"), on="h", how="left").sort("i")
@@ -34,6 +34,17 @@ def exact_groups(hashes: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------- near
 
+# Up to this many rows the neighbour search is exact (faiss IndexFlatIP: brute force in BLAS
+# blocks, 20,000^2 x 128 is a few seconds); above it an inverted-file index (IndexIVFFlat),
+# approximate: exact search is quadratic, 202,599 x 128 took over 13 minutes on 2 cores.
+EXACT_MAX_ROWS = 20_000
+# Inverted lists probed per query. Near duplicates sit a few degrees apart, so they almost
+# always share a list or a neighbouring one; the audit benchmark measures the recall.
+IVF_NPROBE = 32
+# Training rows per inverted list for the coarse k-means (faiss warns under 39).
+IVF_TRAIN_PER_LIST = 64
+
+
 def normalise(E: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm (float32); a zero row stays zero."""
     E = np.asarray(E, dtype=np.float32)
@@ -41,52 +52,91 @@ def normalise(E: np.ndarray) -> np.ndarray:
     return E / np.maximum(norms, 1e-12)
 
 
-def neighbour_block(E: np.ndarray, start: int, stop: int, k: int, working_memory_mib: int = 256
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` nearest other rows (cosine distance) of rows ``start:stop`` of unit-norm ``E``.
+def ivf_lists(n: int) -> int:
+    """Inverted lists for ``n`` rows: about 2 sqrt(n) (900 at 202,599), so a query scans
+    ``IVF_NPROBE`` lists of ~sqrt(n) / 2 rows plus the list centroids."""
+    return max(1, min(int(2 * np.sqrt(n)), n // IVF_TRAIN_PER_LIST))
 
-    Exact brute-force search through scikit-learn, distances computed in chunks of at most
-    ``working_memory_mib`` so one block's memory stays bounded whatever ``n`` is. Returns
-    (indices, distances), each ``(stop - start) x k``.
+
+def search_method(n: int, exact_max_rows: int = EXACT_MAX_ROWS) -> str:
+    """How :func:`build_index` searches ``n`` rows, in words (for the tables' metadata)."""
+    if n <= exact_max_rows:
+        return "exact (faiss IndexFlatIP)"
+    return (f"approximate (faiss IndexIVFFlat, {ivf_lists(n)} lists, nprobe "
+            f"{min(IVF_NPROBE, ivf_lists(n))}; exact up to {exact_max_rows} rows)")
+
+
+def build_index(E: np.ndarray, *, exact_max_rows: int = EXACT_MAX_ROWS, seed: int = 0):
+    """A faiss inner-product index over the unit-norm rows of ``E`` (cosine = inner product).
+
+    Exact (flat) for at most ``exact_max_rows`` rows, else IVF with spherical k-means lists
+    trained on a seeded sample of ``IVF_TRAIN_PER_LIST`` rows per list.
     """
-    import sklearn
-    from sklearn.neighbors import NearestNeighbors
+    import faiss
 
-    k = min(k + 1, len(E))
-    with sklearn.config_context(working_memory=working_memory_mib):
-        nn = NearestNeighbors(n_neighbors=k, algorithm="brute", metric="cosine").fit(E)
-        dist, idx = nn.kneighbors(E[start:stop])
-    return idx, np.maximum(dist, 0.0)
+    E = np.ascontiguousarray(E, dtype=np.float32)
+    n, d = E.shape
+    if n <= exact_max_rows:
+        index = faiss.IndexFlatIP(d)
+    else:
+        nlist = ivf_lists(n)
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = int(seed) % 2**31
+        index.cp.spherical = True  # centroids on the unit sphere, as the rows are
+        train = np.random.default_rng(seed).choice(n, size=min(n, IVF_TRAIN_PER_LIST * nlist),
+                                                   replace=False)
+        index.train(E[np.sort(train)])
+        index.nprobe = min(IVF_NPROBE, nlist)
+    index.add(E)
+    return index
 
 
-def near_pairs(E: np.ndarray, *, k: int, threshold: float, block_rows: int,
-               run_blocks: Callable[[list[tuple[int, int]]], list] | None = None
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Pairs (i < j) of rows within cosine ``threshold`` among each row's ``k`` neighbours.
+def serialise_index(index) -> np.ndarray:
+    """The index as a uint8 array (what goes to Ray's object store once for all blocks)."""
+    import faiss
 
-    ``run_blocks`` maps a list of (start, stop) blocks to their :func:`neighbour_block` results
-    (the stage passes a Ray runner); by default the blocks run here, one after the other.
-    Returns (i, j, distance, nearest) where ``nearest`` is each row's distance to its nearest
-    other row (the distribution the threshold is judged against).
+    return faiss.serialize_index(index)
+
+
+def deserialise_index(blob: np.ndarray):
+    import faiss
+
+    return faiss.deserialize_index(np.asarray(blob))
+
+
+def neighbour_block(index, Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest other rows (cosine distance) of the unit-norm query rows ``Q``.
+
+    ``index`` is a :func:`build_index` index (or its :func:`serialise_index` bytes) that holds
+    the queries themselves, so ``k + 1`` are asked for and the caller drops each row's self.
+    Returns (indices into the index, distances), each ``len(Q) x (k + 1)``; an index of -1 is
+    no result (an IVF search can come back short).
     """
-    n = len(E)
-    if n < 2:
-        empty = np.zeros(0, np.int64)
-        return empty, empty, np.zeros(0), np.full(n, np.nan)
-    blocks = [(s, min(s + block_rows, n)) for s in range(0, n, block_rows)]
-    results = (run_blocks(blocks) if run_blocks is not None
-               else [neighbour_block(E, s, t, k) for s, t in blocks])
-    ii, jj, dd = [], [], []
-    nearest = np.full(n, np.nan)
-    for (s, t), (idx, dist) in zip(blocks, results):
-        q = np.repeat(np.arange(s, t), idx.shape[1])
+    if isinstance(index, np.ndarray):
+        index = deserialise_index(index)
+    k = min(k + 1, index.ntotal)
+    sim, idx = index.search(np.ascontiguousarray(Q, dtype=np.float32), k)
+    dist = np.where(idx >= 0, np.maximum(1.0 - sim, 0.0), np.inf)
+    return idx.astype(np.int64), dist.astype(np.float64)
+
+
+def pairs_from_neighbours(n: int, results, threshold: float
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs (i < j) within cosine ``threshold`` from per-block neighbour lists.
+
+    ``results``: (query rows, neighbour rows, distances) per block, rows in one numbering of
+    ``n`` (neighbour -1 = no result). Returns (i, j, distance, nearest) where ``nearest`` is
+    each row's distance to its nearest other row (the distribution the threshold is judged
+    against; NaN for a row never queried or without any neighbour).
+    """
+    ii, jj, dd = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0)]
+    nearest = np.full(n, np.inf)
+    for rows, idx, dist in results:
+        q = np.repeat(np.asarray(rows, np.int64), idx.shape[1])
         j, d = idx.ravel(), dist.ravel()
-        other = j != q
+        other = (j != q) & (j >= 0)
         qo, jo, do = q[other], j[other], d[other]
-        # nearest other row of each query (the first non-self neighbour; -inf-safe via minimum)
-        near = np.full(t - s, np.inf)
-        np.minimum.at(near, qo - s, do)
-        nearest[s:t] = np.where(np.isinf(near), np.nan, near)
+        np.minimum.at(nearest, qo, do)
         keep = do <= threshold
         qo, jo, do = qo[keep], jo[keep], do[keep]
         ii.append(np.minimum(qo, jo))
@@ -99,7 +149,27 @@ def near_pairs(E: np.ndarray, *, k: int, threshold: float, block_rows: int,
         first = np.ones(len(i), bool)
         first[1:] = (i[1:] != i[:-1]) | (j[1:] != j[:-1])
         i, j, d = i[first], j[first], d[first]
+    nearest[np.isinf(nearest)] = np.nan
     return i.astype(np.int64), j.astype(np.int64), d.astype(np.float64), nearest
+
+
+def near_pairs(E: np.ndarray, *, k: int, threshold: float, block_rows: int,
+               exact_max_rows: int = EXACT_MAX_ROWS, seed: int = 0
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs (i < j) of rows of unit-norm ``E`` within cosine ``threshold`` among each row's
+    ``k`` nearest others, in this process: one index, queried ``block_rows`` rows at a time
+    (the stage runs the same steps as Ray tasks). Returns (i, j, distance, nearest) as
+    :func:`pairs_from_neighbours`."""
+    n = len(E)
+    if n < 2:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, np.zeros(0), np.full(n, np.nan)
+    index = build_index(E, exact_max_rows=exact_max_rows, seed=seed)
+    results = []
+    for s in range(0, n, block_rows):
+        t = min(s + block_rows, n)
+        results.append((np.arange(s, t), *neighbour_block(index, E[s:t], k)))
+    return pairs_from_neighbours(n, results, threshold)
 
 
 def near_groups(n: int, i: np.ndarray, j: np.ndarray, d: np.ndarray, exact: np.ndarray
@@ -116,10 +186,12 @@ def near_groups(n: int, i: np.ndarray, j: np.ndarray, d: np.ndarray, exact: np.n
     """
     # one node per file: exact members map to their group's first row
     rep = np.arange(n)
-    if (exact >= 0).any():
-        first = {}
-        for r in np.flatnonzero(exact >= 0):
-            rep[r] = first.setdefault(int(exact[r]), int(r))
+    members = np.flatnonzero(exact >= 0)
+    if len(members):  # exact groups are numbered by first row: the first member of each
+        g = exact[members]
+        first = np.full(g.max() + 1, n, np.int64)
+        np.minimum.at(first, g, members)
+        rep[members] = first[g]
     a, b = rep[i], rep[j]
     keep = a != b
     a, b, dd = a[keep], b[keep], d[keep]
@@ -137,9 +209,13 @@ def near_groups(n: int, i: np.ndarray, j: np.ndarray, d: np.ndarray, exact: np.n
             group[x] = gy
     out = group[rep]  # exact twins follow their file
     # renumber by first row
-    ids = out[out >= 0]
-    order = {g: k for k, g in enumerate(dict.fromkeys(ids.tolist()))}
-    return np.array([order[g] if g >= 0 else -1 for g in out.tolist()], np.int64)
+    if not len(leader):
+        return out
+    first = np.full(len(leader), n, np.int64)
+    np.minimum.at(first, out[out >= 0], np.flatnonzero(out >= 0))
+    rank = np.empty(len(leader), np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(leader))
+    return np.where(out >= 0, rank[np.maximum(out, 0)], -1)
 
 
 def member_distance(n: int, i: np.ndarray, j: np.ndarray, d: np.ndarray, exact: np.ndarray

@@ -34,7 +34,8 @@ def label_issues(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
 
-    is_issue = find_label_issues(labels, probs, filter_by="prune_by_noise_rate")
+    # n_jobs=1: cleanlab would otherwise fork a pool of the (Ray driver) process per call
+    is_issue = find_label_issues(labels, probs, filter_by="prune_by_noise_rate", n_jobs=1)
     quality = get_label_quality_scores(labels, probs, method="self_confidence")
     order = np.lexsort((np.arange(len(labels)), quality))
     rank = np.empty(len(labels), np.int64)

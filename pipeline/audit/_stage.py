@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 
-from pipeline import tables
+from pipeline import storage, tables
 from pipeline.audit import _duplicates as dup
 from pipeline.audit import _labels as lab
 from pipeline.audit._schemas import (DUPLICATES, ISSUE_RATES, LABEL_CONFLICTS, LABEL_ISSUES,
@@ -33,23 +36,55 @@ TWINS = {"gender": "Male", "age": "Young", "Male": "gender", "Young": "age"}
 
 # --------------------------------------------------------------------------- inputs
 
-def _load(cfg: Config) -> tuple[pl.DataFrame, np.ndarray, list[str], list[str]]:
-    """(rows, embedding, boolean attributes annotated, every annotation compared)."""
+# Rows (seeded sample) the PCAs of the embedding are fitted on (near space, label-model PCs):
+# the driver holds at most this many embedding rows, whatever the collection's size. Below it
+# every row is used.
+PCA_FIT_ROWS = 20_000
+
+
+@dataclass
+class Inputs:
+    """What the stage audits. The embedding never sits whole on the driver: it is streamed from
+    ``features/`` in batches of ``audit.block_rows`` rows, and each batch's projections go to
+    Ray's object store as one block (``near_blocks``, ``pc_blocks``); ``block_rows[b]`` are the
+    rows of ``rows`` that block ``b`` holds, in its order."""
+
+    rows: pl.DataFrame  # manifest x features, sorted by image_id; audited columns only
+    labelled: list[str]  # boolean attributes annotated
+    compared: list[str]  # every annotation compared inside duplicate groups
+    near_blocks: list  # refs: unit-norm rows of the near-duplicate space (float32)
+    pc_blocks: list  # refs: the embedding's first audit.embedding_components PCs (float32)
+    block_rows: list[np.ndarray]
+    dim: int  # the embedding's width
+    pcs: int  # columns of each pc_blocks block (0: none)
+    fit_rows: int  # rows the PCAs were fitted on
+
+
+def _columns(cfg: Config, name: str) -> list[str]:
+    schema = storage.read_schema(tables.location(cfg, name))
+    return schema.names if schema is not None else []
+
+
+def _load_rows(cfg: Config) -> tuple[pl.DataFrame, list[str], list[str]]:
+    """(rows, boolean attributes annotated, every annotation compared): the manifest's audited
+    columns (not uri or landmarks) joined with features' image_id and content_hash."""
     for name in ("manifest", "features"):
         if not tables.exists(cfg, name):
             raise ValueError(f"audit needs {name}/ under {cfg.output.root}: run the "
                              f"{'ingest' if name == 'manifest' else 'extract'} stage first")
-    manifest = tables.read(cfg, "manifest")
-    attrs = manifest_attributes(manifest.schema)
-    m = pl.from_arrow(manifest)
-    feats = tables.read(cfg, "features")
-    if "content_hash" not in feats.column_names:
+    schema = storage.read_schema(tables.location(cfg, "manifest"))
+    attrs = manifest_attributes(schema)
+    want = ["image_id", "split", *attrs, *[c for c in OTHER_LABELS if c in schema.names]]
+    m = pl.from_arrow(tables.read(cfg, "manifest", columns=want))
+    fcols = _columns(cfg, "features")
+    if "content_hash" not in fcols:
         raise ValueError("features/ has no content_hash column (written by an older extract); "
                          "rerun it: python -m jobs.extract --config ... --force")
-    f = pl.from_arrow(feats.select(["image_id", "content_hash"])).with_row_index("__f")
+    if "embedding" not in fcols:
+        raise ValueError("features/ has no embedding column; rerun extract: "
+                         "python -m jobs.extract --config ... --force")
+    f = pl.from_arrow(tables.read(cfg, "features", columns=["image_id", "content_hash"]))
     rows = m.join(f, on="image_id", how="inner").sort("image_id")
-    emb = feats.column("embedding").combine_chunks()
-    E = emb.flatten().to_numpy().reshape(len(emb), -1)[rows["__f"].to_numpy()]
     labelled = [a for a in attrs if rows[a].null_count() < rows.height]
     others = [c for c in OTHER_LABELS if c in rows.columns and rows[c].null_count() < rows.height]
     if tables.exists(cfg, PRIMARY):
@@ -60,7 +95,74 @@ def _load(cfg: Config) -> tuple[pl.DataFrame, np.ndarray, list[str], list[str]]:
         rows = rows.with_columns(pl.lit(None, pl.Int32).alias("__cluster"))
     if "identity" not in rows.columns:
         rows = rows.with_columns(pl.lit(None, pl.Int32).alias("identity"))
-    return rows.drop("__f"), E, labelled, labelled + others
+    return rows, labelled, labelled + others
+
+
+def _embedding_batches(cfg: Config, ids: pl.Series):
+    """(rows of ``ids`` they are, (m, d) float32 embedding) per batch of features/ rows."""
+    loc = tables.location(cfg, "features")
+    ds = pads.dataset(storage.parquet_files(loc), filesystem=loc.fs, format="parquet")
+    value_set = ids.to_arrow()
+    for batch in ds.to_batches(columns=["image_id", "embedding"],
+                               batch_size=cfg.audit.block_rows):
+        if batch.num_rows == 0:
+            continue
+        pos = pc.index_in(batch.column(0), value_set=value_set)
+        keep = pc.is_valid(pos)
+        if not pc.all(keep).as_py():  # no manifest row: not audited
+            batch, pos = batch.filter(keep), pos.filter(keep)
+            if batch.num_rows == 0:
+                continue
+        emb = batch.column(1)
+        if emb.null_count:
+            raise ValueError(f"features.embedding has {emb.null_count} null rows; extract must "
+                             "record unusable images in errors/ instead (rerun it with --force)")
+        flat = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        yield pos.to_numpy(zero_copy_only=False).astype(np.int64), flat.reshape(len(emb), -1)
+
+
+def _load(cfg: Config) -> Inputs:
+    """Rows, then two passes over the embedding: the seeded PCA fit sample, the projections."""
+    import ray
+    from sklearn.decomposition import PCA
+
+    a = cfg.audit
+    rows, labelled, compared = _load_rows(cfg)
+    n = rows.height
+    ids = rows["image_id"]
+    fit_n = min(n, PCA_FIT_ROWS)
+    fit = np.sort(np.random.default_rng(derive_seed(cfg.run.seed, STAGE, "near_pca")).choice(
+        n, size=fit_n, replace=False))
+    slot = np.full(n, -1, np.int64)  # row -> row of the fit sample
+    slot[fit] = np.arange(fit_n)
+    E_fit, d = None, 0
+    for pos, E in _embedding_batches(cfg, ids):
+        if E_fit is None:
+            d = E.shape[1]
+            E_fit = np.empty((fit_n, d), np.float32)
+        s = slot[pos]
+        E_fit[s[s >= 0]] = E[s >= 0]
+    near_pca = label_pca = None
+    if E_fit is not None and a.near_dims and d > a.near_dims and n > a.near_dims:
+        near_pca = PCA(n_components=a.near_dims, svd_solver="randomized",
+                       random_state=derive_seed(cfg.run.seed, STAGE, "near_pca_fit")).fit(E_fit)
+    if E_fit is not None and "embedding" in a.label_features:
+        k = min(a.embedding_components, d, max(1, n - 1))
+        label_pca = PCA(n_components=k, svd_solver="randomized",
+                        random_state=derive_seed(cfg.run.seed, STAGE, "label_pca")).fit(E_fit)
+    del E_fit
+    near_blocks, pc_blocks, block_rows = [], [], []
+    for pos, E in _embedding_batches(cfg, ids):
+        near_blocks.append(ray.put(dup.normalise(near_pca.transform(E) if near_pca else E)))
+        if label_pca is not None:
+            pc_blocks.append(ray.put(label_pca.transform(E).astype(np.float32)))
+        block_rows.append(pos)
+    got = int(sum(len(p) for p in block_rows))
+    if got != n:
+        raise ValueError(f"features/ holds {got} embedding rows for the {n} audited images; "
+                         "expected one per image (duplicate image ids?): rerun extract --force")
+    return Inputs(rows, labelled, compared, near_blocks, pc_blocks, block_rows, d,
+                  label_pca.n_components_ if label_pca is not None else 0, fit_n)
 
 
 def _audited_attributes(cfg: Config, rows: pl.DataFrame, labelled: list[str]) -> list[str]:
@@ -84,15 +186,19 @@ def _label_values(rows: pl.DataFrame, attr: str, age_bins: list[int]) -> np.ndar
     """The attribute's annotation per row as text (None = missing); age as its age group."""
     if attr == "age":
         return lab.age_groups(rows["age"].to_numpy().astype(float), age_bins)
-    return np.array([None if v is None else str(v) for v in rows[attr].to_list()], dtype=object)
+    col = pl.col(attr)
+    if rows[attr].dtype == pl.Boolean:  # as Python writes them: "True" / "False"
+        col = pl.when(col).then(pl.lit("True")).when(~col).then(pl.lit("False"))
+    return rows.select(col.cast(pl.String).alias("v"))["v"].to_numpy()
 
 
 def _groupings(cfg: Config, rows: pl.DataFrame, attr: str, present: list[str]
                ) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     if rows["__cluster"].null_count() < rows.height:
-        out["cluster"] = np.array([None if c is None or c < 0 else str(c)
-                                   for c in rows["__cluster"].to_list()], dtype=object)
+        c = pl.col("__cluster")
+        out["cluster"] = rows.select(pl.when(c >= 0).then(c.cast(pl.String)).alias("v"))[
+            "v"].to_numpy()
     for s in dict.fromkeys([*cfg.classify.sensitive, "gender", "race", "age"]):
         if s == attr or TWINS.get(s) == attr or s not in present:
             continue
@@ -102,40 +208,45 @@ def _groupings(cfg: Config, rows: pl.DataFrame, attr: str, present: list[str]
     return out
 
 
-def _design(cfg: Config, rows: pl.DataFrame, E: np.ndarray, labelled: list[str]
-            ) -> tuple[np.ndarray, list[str]]:
-    """The label model's inputs: embedding PCs, then the boolean annotations (0/1)."""
-    from sklearn.decomposition import PCA
-
-    blocks, names = [], []
-    if "embedding" in cfg.audit.label_features:
-        k = min(cfg.audit.embedding_components, E.shape[1], max(1, len(E) - 1))
-        Z = PCA(n_components=k, svd_solver="randomized",
-                random_state=derive_seed(cfg.run.seed, STAGE, "label_pca")).fit_transform(E)
-        blocks.append(Z)
-        names += [f"pc_{j + 1}" for j in range(k)]
+def _design_names(cfg: Config, inp: Inputs) -> list[str]:
+    """Columns of the label model's inputs: embedding PCs, then the boolean annotations."""
+    names = []
+    names += [f"pc_{j + 1}" for j in range(inp.pcs)]
     if "annotations" in cfg.audit.label_features:
-        for a in labelled:
-            blocks.append(rows[a].cast(pl.Float64).fill_null(0.5).to_numpy()[:, None])
-            names.append(a)
-    X = np.hstack(blocks) if blocks else np.zeros((len(rows), 0))
-    return X, names
+        names += inp.labelled
+    return names
+
+
+def _annotations(cfg: Config, inp: Inputs) -> np.ndarray:
+    """The boolean annotations as int8 (1, 0, -1 = missing): n x attributes in 1 byte each."""
+    if "annotations" not in cfg.audit.label_features or not inp.labelled:
+        return np.zeros((inp.rows.height, 0), np.int8)
+    return inp.rows.select([pl.col(a).cast(pl.Int8).fill_null(-1) for a in inp.labelled]
+                           ).to_numpy().astype(np.int8, copy=False)
 
 
 # --------------------------------------------------------------------------- Ray tasks
 
-def _ray_blocks(E_ref, k: int, cpus: float):
-    import ray
-
-    task = ray.remote(num_cpus=cpus)(dup.neighbour_block)
-
-    def run_blocks(blocks):
-        return ray.get([task.remote(E_ref, s, t, k) for s, t in blocks])
-    return run_blocks
+def _index_task(exact_max_rows: int, seed: int, *blocks: np.ndarray) -> np.ndarray:
+    """One index over every block (stacked in block order), as bytes for the search tasks."""
+    return dup.serialise_index(dup.build_index(np.concatenate(blocks),
+                                               exact_max_rows=exact_max_rows, seed=seed))
 
 
-def _label_task(X, keep_rows, keep_cols, labels, folds, seed):
-    return lab.out_of_sample_probs(X[keep_rows][:, keep_cols], labels, folds, seed)
+def _label_task(A: np.ndarray, block_rows: np.ndarray, keep_rows, keep_cols, labels, folds,
+                seed, *pc_blocks: np.ndarray):
+    """The label model's inputs assembled here (never on the driver): PCs in row order, then
+    the annotations with a missing value as 0.5; float64, as the model was fitted before."""
+    n = len(A)
+    parts = []
+    if pc_blocks:
+        Z = np.empty((n, pc_blocks[0].shape[1]), np.float64)
+        Z[block_rows] = np.concatenate(pc_blocks)
+        parts.append(Z)
+    if A.shape[1]:
+        parts.append(np.where(A < 0, 0.5, A).astype(np.float64))
+    X = np.hstack(parts)[keep_rows][:, keep_cols]
+    return lab.out_of_sample_probs(X, labels, folds, seed)
 
 
 # --------------------------------------------------------------------------- stage
@@ -150,18 +261,47 @@ def _arrow(df: pl.DataFrame, name: str) -> pa.Table:
     return df.select([f.name for f in SCHEMAS[name]]).to_arrow()
 
 
-def _near_space(cfg: Config, E: np.ndarray) -> np.ndarray:
-    """The embedding the neighbour search runs on: PCA-reduced when wider than near_dims."""
+def _label_meta(cfg: Config, inp: Inputs) -> dict[str, str]:
     a = cfg.audit
-    if a.near_dims and E.shape[1] > a.near_dims and len(E) > a.near_dims:
-        from sklearn.decomposition import PCA
+    return {"faceaudit.audit_label_model": (
+        f"StandardScaler + LogisticRegression, {a.cv_folds}-fold cross_val_predict on every "
+        f"labelled row; inputs: {inp.pcs} embedding PCs (PCA fitted on {inp.fit_rows} rows) + "
+        f"{len(inp.labelled) if 'annotations' in a.label_features else 0} annotations")}
 
-        fit = np.random.default_rng(derive_seed(cfg.run.seed, STAGE, "near_pca")).choice(
-            len(E), size=min(len(E), 20000), replace=False)
-        pca = PCA(n_components=a.near_dims, svd_solver="randomized",
-                  random_state=derive_seed(cfg.run.seed, STAGE, "near_pca_fit")).fit(E[np.sort(fit)])
-        E = pca.transform(E)
-    return dup.normalise(E)
+
+def _drop_parts(cfg: Config, name: str, parts: int, meta: dict[str, str]) -> None:
+    """Leave exactly ``parts`` written parts in table ``name`` (an empty one when none), written
+    before the older files are deleted, as :func:`tables.replace` does for one part."""
+    if parts == 0:
+        tables.write(cfg, name, _empty(name), schema=SCHEMAS[name], metadata=meta)
+        parts = 1
+    loc = tables.location(cfg, name)
+    keep = {loc.join(f"part-{k:05d}.parquet").path for k in range(parts)}
+    for path in storage.parquet_files(loc):
+        if path not in keep:
+            loc.fs.delete_file(path)
+
+
+def _near_search(cfg: Config, inp: Inputs):
+    """(i, j, distance, nearest) over ``inp.rows``: one index task over every block, then one
+    search task per block (``audit.block_rows`` query rows each)."""
+    import ray
+
+    a = cfg.audit
+    n = inp.rows.height
+    if n < 2:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, np.zeros(0), np.full(n, np.nan)
+    build = ray.remote(num_cpus=a.cpus_per_task)(_index_task)
+    search = ray.remote(num_cpus=a.cpus_per_task)(dup.neighbour_block)
+    index = build.remote(dup.EXACT_MAX_ROWS, derive_seed(cfg.run.seed, STAGE, "near_index"),
+                         *inp.near_blocks)
+    found = ray.get([search.remote(index, b, a.near_neighbours) for b in inp.near_blocks])
+    del index
+    order = np.concatenate(inp.block_rows)  # index position -> row
+    results = [(q, np.where(idx >= 0, order[np.maximum(idx, 0)], -1), dist)
+               for q, (idx, dist) in zip(inp.block_rows, found)]
+    return dup.pairs_from_neighbours(n, results, a.near_threshold)
 
 
 def run(cfg: Config) -> dict:
@@ -170,22 +310,26 @@ def run(cfg: Config) -> dict:
 
     t0 = time.time()
     a = cfg.audit
-    rows, E, labelled, compared = _load(cfg)
+    from pipeline.ray_runtime import ensure_ray
+
+    ensure_ray(cfg)
+    inp = _load(cfg)
+    rows, labelled, compared = inp.rows, inp.labelled, inp.compared
     n = rows.height
-    log.info("[audit] %d images, embedding %d-d, %d annotations compared", n, E.shape[1],
+    log.info("[audit] %d images, embedding %d-d, %d annotations compared", n, inp.dim,
              len(compared))
-    summary: list[dict] = [{"metric": "images_audited", "attribute": None, "value": n}]
+    method = dup.search_method(n)
+    summary: list[dict] = [{"metric": "images_audited", "attribute": None, "value": n},
+                           {"metric": "near_search_exact", "attribute": None,
+                            "value": float(n <= dup.EXACT_MAX_ROWS)},
+                           {"metric": "pca_fit_rows", "attribute": None, "value": inp.fit_rows}]
+    meta = {"faceaudit.audit_near_search": method,
+            "faceaudit.audit_pca_fit_rows": f"{inp.fit_rows} of {n} rows (seeded sample)"}
 
     # --- exact duplicates (content hash) and near duplicates (embedding neighbours)
-    hashes = rows["content_hash"].to_numpy()
-    exact = dup.exact_groups(hashes)
-    En = _near_space(cfg, E)
-    E_ref = ray.put(En)
-    pi, pj, pd_, nearest = dup.near_pairs(En, k=a.near_neighbours, threshold=a.near_threshold,
-                                          block_rows=a.block_rows,
-                                          run_blocks=_ray_blocks(E_ref, a.near_neighbours,
-                                                                 a.cpus_per_task))
-    del E_ref
+    exact = dup.exact_groups(rows["content_hash"])
+    pi, pj, pd_, nearest = _near_search(cfg, inp)
+    inp.near_blocks.clear()  # frees them in the object store
     near = dup.near_groups(n, pi, pj, pd_, exact)
     same = (near[pi] >= 0) & (near[pi] == near[pj])  # pairs inside one near group
     dist = dup.member_distance(n, pi[same], pj[same], pd_[same], exact)
@@ -240,42 +384,52 @@ def run(cfg: Config) -> dict:
     # --- probable label errors per attribute (one Ray task each), rates per group
     attrs = _audited_attributes(cfg, rows, labelled)
     present = labelled + [c for c in ("age", "gender", "race") if c in compared]
-    X, xnames = _design(cfg, rows, E, labelled)
-    X_ref = ray.put(X)
+    xnames = _design_names(cfg, inp)
+    A_ref = ray.put(_annotations(cfg, inp))
+    order_ref = ray.put(np.concatenate(inp.block_rows) if inp.block_rows
+                        else np.zeros(0, np.int64))
     task = ray.remote(num_cpus=a.cpus_per_task)(_label_task)
     plans, skipped = [], {}
     for attr in attrs:
         vals = _label_values(rows, attr, a.age_bins)
-        ok = np.array([v is not None for v in vals])
-        cats, cnt = np.unique(vals[ok].astype(str), return_counts=True)
-        small = set(cats[cnt < a.cv_folds].tolist())
-        if small:
-            ok &= np.array([v is None or str(v) not in small for v in vals])
-            skipped[attr] = f"classes with fewer than {a.cv_folds} images left out: {sorted(small)}"
-        cats = sorted(set(vals[ok].astype(str).tolist()))
+        ok = vals != None  # noqa: E711 (elementwise on an object array)
+        cats, inverse, cnt = np.unique(vals[ok].astype(str), return_inverse=True,
+                                       return_counts=True)
+        small = cnt < a.cv_folds
+        if small.any():
+            skipped[attr] = (f"classes with fewer than {a.cv_folds} images left out: "
+                             f"{sorted(cats[small].tolist())}")
+        keep = ~small[inverse]  # among the labelled rows
+        rows_idx = np.flatnonzero(ok)[keep]
+        # classes renumbered 0..K-1 over those kept, in sorted order
+        cats_kept = cats[~small]
+        codes = (np.cumsum(~small) - 1)[inverse[keep]].astype(np.int64)
         cols = [j for j, nm in enumerate(xnames) if nm != attr and nm != TWINS.get(attr)]
-        if len(cats) < 2 or not cols:
-            skipped[attr] = "fewer than two classes" if len(cats) < 2 else "no model inputs"
+        if len(cats_kept) < 2 or not cols:
+            skipped[attr] = "fewer than two classes" if len(cats_kept) < 2 else "no model inputs"
             continue
-        codes = np.array([cats.index(str(v)) for v in vals[ok]], np.int64)
-        rows_idx = np.flatnonzero(ok)
         seed = derive_seed(cfg.run.seed, STAGE, "label_cv", attr)
-        plans.append((attr, cats, rows_idx, codes,
-                      task.remote(X_ref, rows_idx, np.asarray(cols), codes, a.cv_folds, seed)))
-    issue_tables, rate_tables = [], []
-    image_ids = rows["image_id"].to_numpy()
-    splits = rows["split"].to_numpy()
+        plans.append((attr, cats_kept.tolist(), rows_idx, codes,
+                      task.remote(A_ref, order_ref, rows_idx, np.asarray(cols), codes,
+                                  a.cv_folds, seed, *inp.pc_blocks)))
+    # one attribute's rows at a time on the driver: each is its own part of audit/label_issues
+    issue_parts, rate_tables, n_issues = [], [], 0
     for attr, cats, rows_idx, codes, ref in plans:
         probs = ray.get(ref)
         is_issue, quality, rank = lab.label_issues(codes, probs)
-        cat_arr = np.asarray(cats, dtype=object)
-        issue_tables.append(pl.DataFrame({
-            "attribute": [attr] * len(codes), "image_id": image_ids[rows_idx],
-            "split": splits[rows_idx], "given": cat_arr[codes],
-            "predicted": cat_arr[probs.argmax(1)],
+        cat_s = pl.Series(cats, dtype=pl.String)
+        part = pl.DataFrame({
+            "attribute": pl.repeat(attr, len(codes), eager=True, dtype=pl.String),
+            "image_id": rows["image_id"].gather(rows_idx),
+            "split": rows["split"].gather(rows_idx), "given": cat_s.gather(codes),
+            "predicted": cat_s.gather(probs.argmax(1)),
             "p_given": probs[np.arange(len(codes)), codes].astype(np.float64),
-            "quality": quality, "is_issue": is_issue, "rank": rank},
-            schema_overrides={"given": pl.String, "predicted": pl.String}))
+            "quality": quality, "is_issue": is_issue, "rank": rank})
+        issue_parts.append(tables.write(
+            cfg, LABEL_ISSUES, _arrow(part, LABEL_ISSUES), schema=SCHEMAS[LABEL_ISSUES],
+            part=f"part-{len(issue_parts):05d}", metadata={**meta, **_label_meta(cfg, inp)}))
+        n_issues += int(is_issue.sum())
+        del part
         groups = {k: v[rows_idx] for k, v in _groupings(cfg, rows, attr, present).items()}
         rates = lab.issue_rates(is_issue, groups, a.alpha)
         rate_tables.append(rates.with_columns(pl.lit(attr).alias("attribute")))
@@ -293,8 +447,9 @@ def run(cfg: Config) -> dict:
                     {"metric": "label_majority_share", "attribute": attr, "value": majority}]
         log.info("[audit] %s: %d of %d labels suspect (label model accuracy %.3f, majority "
                  "%.3f)", attr, int(is_issue.sum()), len(codes), acc, majority)
-    del X_ref
-    issues = pl.concat(issue_tables) if issue_tables else pl.DataFrame()
+    del A_ref, order_ref
+    inp.pc_blocks.clear()
+    _drop_parts(cfg, LABEL_ISSUES, len(issue_parts), meta)
     rates = pl.concat(rate_tables) if rate_tables else pl.DataFrame()
 
     # --- the action: drop exact duplicates whose labels conflict (recorded in errors/)
@@ -302,7 +457,8 @@ def run(cfg: Config) -> dict:
     tables.clear_errors(cfg, STAGE)
     if a.action == DROP and ex_dups.height:
         bad = ex_dups.filter(~pl.col("labels_agree")).join(
-            rows.select("image_id", "uri"), on="image_id")
+            pl.from_arrow(tables.read(cfg, "manifest", columns=["image_id", "uri"])),
+            on="image_id")
         errs = [{"image_id": r["image_id"], "uri": r["uri"],
                  "reason": f"audit: exact duplicate (group {r['group']}, {r['group_size']} files) "
                            f"with conflicting {', '.join(r['conflicting'])}; left out of classify "
@@ -312,14 +468,14 @@ def run(cfg: Config) -> dict:
             dropped = tables.write_errors(cfg, STAGE, errs)
     summary.append({"metric": "dropped_images", "attribute": None, "value": dropped})
 
-    written = {}
+    written = {LABEL_ISSUES: sum(issue_parts)}
     for name, df in ((DUPLICATES, dups), (LABEL_CONFLICTS, conflicts), (LEAKAGE, leak),
-                     (LEAKAGE_COUNTS, counts), (LABEL_ISSUES, issues), (ISSUE_RATES, rates),
+                     (LEAKAGE_COUNTS, counts), (ISSUE_RATES, rates),
                      (SUMMARY, pl.DataFrame(summary, schema={"metric": pl.String,
                                                              "attribute": pl.String,
                                                              "value": pl.Float64}))):
         written[name] = tables.replace(cfg, name, _arrow(df, name), schema=SCHEMAS[name],
-                                       metadata={"action": a.action} if name == SUMMARY else None)
+                                       metadata={**meta, "action": a.action} if name == SUMMARY else meta)
     return {
         "images": n,
         "exact_groups": int(ex_dups["group"].n_unique()) if ex_dups.height else 0,
@@ -327,7 +483,7 @@ def run(cfg: Config) -> dict:
         "conflict_rows": written[LABEL_CONFLICTS],
         "leakage_rows": written[LEAKAGE],
         "label_attributes": [p[0] for p in plans],
-        "label_issues": int(issues["is_issue"].sum()) if issues.height else 0,
+        "label_issues": n_issues,
         "label_skipped": skipped,
         "dropped_images": dropped,
         "seconds": round(time.time() - t0, 2),
