@@ -119,7 +119,7 @@ def load_inputs(cfg: Config) -> Inputs:
                          f"attributes are {labelled}")
     if target not in attrs:
         raise ValueError(f"classify.target={target!r} must be a boolean attribute, manifest has "
-                         f"type {manifest.schema.field(target).type}")
+                         f"type {mschema.field(target).type}")
     if target not in labelled:
         raise NoTarget(f"classify.target={target!r} is null for every image of this dataset")
     errors: list[dict] = []
