@@ -20,7 +20,8 @@ DIST, COND = "clusters/centroid_distances", "clusters/conditional"
 
 
 def build(ctx: Context) -> list[str]:
-    sweep, assign = ctx.table(SWEEP), ctx.table(ASSIGN)
+    # assignments: only which clusterings exist here; each one's rows are read when drawn
+    sweep, assign = ctx.table(SWEEP), ctx.distinct(ASSIGN, ["space", "algorithm"])
     if sweep is None and assign is None:
         return [ctx.missing("clusters")]
     spaces: list[str] = []
@@ -69,7 +70,7 @@ def _intro(ctx: Context, spaces: list[str]) -> str:
 
 
 def _primary_algorithm(ctx: Context, space: str) -> str | None:
-    a = ctx.table(ASSIGN)
+    a = ctx.distinct(ASSIGN, ["space", "algorithm"])
     if a is None:
         return None
     algos = list(a.loc[a["space"] == space, "algorithm"].unique())
@@ -80,8 +81,8 @@ def _primary_algorithm(ctx: Context, space: str) -> str | None:
 
 
 def _members(ctx: Context, space: str, algo: str) -> pd.DataFrame:
-    a = ctx.table(ASSIGN)
-    return a[(a["space"] == space) & (a["algorithm"] == algo)]
+    return ctx.rows_where(ASSIGN, ["image_id", "k", "cluster", "x", "y"], space=space,
+                          algorithm=algo)
 
 
 def _profiles(ctx: Context, space: str, algo: str) -> pd.DataFrame:
