@@ -5,9 +5,9 @@ The stages after extract at full CelebA size without extracting 202,599 images: 
 cluster, classify, explain or report grow its driver's memory with the rows, or its time faster
 than linearly?
 
-Data: the scale benchmark's CelebA folder (every official id a hard link to one of the real
-JPEGs, the official full annotation, partition and identity files; see
-:mod:`pipeline.benchmarks.scale`), ingested by the ingest stage as a user would, and a
+Data (under ``$FACEAUDIT_REAL_DATA``, else ``../shared/real``): the scale benchmark's CelebA
+folder (every official id a hard link to one of the real JPEGs, the official full annotation,
+partition and identity files; see :mod:`pipeline.benchmarks.scale`), ingested by the ingest stage as a user would, and a
 ``features/`` table made by tiling a real run's features (``--features-from``, the output root
 of any run whose extract stage finished): manifest row i gets the features of source row
 i mod m, under its own image_id. The rows are real model outputs and the table has the
@@ -23,6 +23,7 @@ pages of Ray's object store it maps).
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -79,9 +80,9 @@ def run(cfg, features_from: str, images: int = 202599, compare: int = 20000,
     unknown = [s for s in names if s not in DOWNSTREAM]
     if unknown:
         raise ValueError(f"--stages {unknown}: expected some of {list(DOWNSTREAM)}")
-    annotations_dir = Path(annotations) if annotations else scale._SHARED / "celeba-full"
-    images_dir = (Path(images_from) if images_from
-                  else scale._SHARED / "celeba" / "img_align_celeba")
+    shared = Path(os.environ.get("FACEAUDIT_REAL_DATA") or scale._SHARED)
+    annotations_dir = Path(annotations) if annotations else shared / "celeba-full"
+    images_dir = Path(images_from) if images_from else shared / "celeba" / "img_align_celeba"
     work = Path(workdir) if workdir else Path(tempfile.gettempdir()) / "faceaudit-scale"
     work.mkdir(parents=True, exist_ok=True)
     sizes = sorted({int(compare), int(images)})
