@@ -205,7 +205,8 @@ def _compare(results: dict[int, list[dict]], sizes: list[int]) -> list[dict]:
                     "driver_anon_ratio": round(a_ratio, 2),
                     "all_anon_mib_small": s["all_anon_mib"], "all_anon_mib_big": r["all_anon_mib"],
                     "time_ok": t_ratio <= TIME_GOAL * (big / small) / 10,
-                    "driver_ok": d_ratio <= DRIVER_GOAL})
+                    "driver_ok": d_ratio <= DRIVER_GOAL,
+                    "driver_anon_ok": a_ratio <= DRIVER_GOAL})
     return out
 
 
@@ -214,9 +215,9 @@ def _print(table: list[dict], sizes: list[int]) -> None:
         return
     print(f"{'stage':<18}{'s@' + str(sizes[0]):>10}{'s@' + str(sizes[-1]):>12}{'x':>7}"
           f"{'drvMiB small':>14}{'drvMiB big':>12}{'x':>7}{'anon small':>12}{'anon big':>10}"
-          f"{'x':>7}  ok")
+          f"{'x':>7}  ok (time, PSS, anon)")
     for r in table:
-        ok = "yes" if r["time_ok"] and r["driver_ok"] else "NO"
+        ok = " ".join("yes" if r[k] else "NO" for k in ("time_ok", "driver_ok", "driver_anon_ok"))
         print(f"{r['stage']:<18}{r['seconds_small']:>10}{r['seconds_big']:>12}{r['time_ratio']:>7}"
               f"{r['driver_mib_small']:>14}{r['driver_mib_big']:>12}{r['driver_ratio']:>7}"
               f"{r['driver_anon_mib_small']:>12}{r['driver_anon_mib_big']:>10}"
