@@ -652,6 +652,34 @@ def _plots(units: list[_Unit], top_k: int) -> dict[str, bytes]:
 # The stage
 
 
+# Rows of classifiers/dataset per streamed batch when reading the sampled rows' features.
+_READ_BATCH_ROWS = 32768
+
+
+def _read_rows(cfg: Config, ids: pa.Array, features: list[str]) -> np.ndarray:
+    """float64 (len(ids), len(features)) values of ``features`` for the rows whose image_id is
+    ``ids`` (in that order), streamed over classifiers/dataset batch by batch."""
+    import pyarrow.dataset as pads
+
+    loc = tables.location(cfg, "classifiers/dataset")
+    ds = pads.dataset(storage.parquet_files(loc), filesystem=loc.fs, format="parquet")
+    out = np.full((len(ids), len(features)), np.nan)
+    found = np.zeros(len(ids), dtype=bool)
+    for batch in ds.to_batches(columns=["image_id", *features], batch_size=_READ_BATCH_ROWS):
+        pos = pc.index_in(batch.column(0), value_set=ids)
+        keep = pc.is_valid(pos)
+        if not pc.any(keep).as_py():
+            continue
+        batch, p = batch.filter(keep), pos.filter(keep).to_numpy(zero_copy_only=False)
+        out[p] = np.column_stack([batch.column(j + 1).to_numpy(zero_copy_only=False)
+                                  for j in range(len(features))]).astype(np.float64)
+        found[p] = True
+    if not found.all():
+        raise ExplainError(f"classifiers/dataset changed while it was read: "
+                           f"{int((~found).sum())} sampled rows are gone; rerun the stage")
+    return out
+
+
 def _part_name(spec: ModelSpec, block: int) -> str:
     return f"{spec.label}__b{block:05d}"
 
@@ -704,17 +732,45 @@ def run(cfg: Config) -> dict:
     for s in specs:
         features += [f for f in s.features if f not in features]
     schema = values_schema(features)
-    data = tables.read(cfg, CLASSIFY_DATASET)
-    missing = [f for f in features + ["image_id", "split", "cluster"] if f not in data.column_names]
+    dschema = storage.read_schema(tables.location(cfg, CLASSIFY_DATASET))
+    missing = [f for f in features + ["image_id", "split", "cluster"] if f not in dschema.names]
     if missing:
         raise ExplainError(f"classifiers/dataset lacks columns {missing} that the models use")
+    # Only the row keys are read whole; feature values are read afterwards for the sampled
+    # rows alone (see _read_rows): the whole matrix is rows x features float64 (63 MB at
+    # 202,599 x 39) and explain uses at most max_rows + background_rows rows of each scope.
+    data = tables.read(cfg, CLASSIFY_DATASET, columns=["image_id", "split", "cluster"])
     data = data.sort_by("image_id")
-    image_ids = np.asarray(data["image_id"].to_pylist(), dtype=object)
-    split = np.asarray(data["split"].to_pylist(), dtype=object)
+    image_ids = data["image_id"].combine_chunks()
+    is_test = pc.equal(data["split"], "test").to_numpy(zero_copy_only=False)
+    is_train = pc.equal(data["split"], "train").to_numpy(zero_copy_only=False)
     has_cluster = pc.is_valid(data["cluster"]).to_numpy(zero_copy_only=False)
     cluster_col = data["cluster"].fill_null(-1).to_numpy().astype(np.int64)
-    clusters_py = [None if not h else int(c) for h, c in zip(has_cluster, cluster_col)]
-    X_all = {f: data[f].to_numpy(zero_copy_only=False).astype(np.float64) for f in features}
+    del data
+
+    def clusters_of(idx: np.ndarray) -> list:
+        return [None if not has_cluster[i] else int(cluster_col[i]) for i in idx]
+
+    # Each scope's explained rows and background, then their feature values in one pass.
+    samples = {}
+    for spec in specs:
+        if spec.trained_on in samples:
+            continue
+        scope = _scope_mask(cluster_col, has_cluster, spec)
+        test_idx, train_idx = np.flatnonzero(scope & is_test), np.flatnonzero(scope & is_train)
+        # Shared by every model with the same scope, so their rows and background line up.
+        samples[spec.trained_on] = (
+            len(test_idx), len(train_idx),
+            _sample(test_idx, ec.max_rows, cfg.run.seed, "rows", spec.trained_on),
+            _sample(train_idx, ec.background_rows, cfg.run.seed, "background", spec.trained_on))
+    needed = np.unique(np.concatenate([np.r_[r, b] for _, _, r, b in samples.values()]
+                                      or [np.zeros(0, np.int64)]).astype(np.int64))
+    X_needed = _read_rows(cfg, image_ids.take(pa.array(needed)), features)
+    col_of = {f: j for j, f in enumerate(features)}
+
+    def matrix(idx: np.ndarray, cols: list[str]) -> np.ndarray:
+        """Feature values of the (sorted-table) rows ``idx``, columns ``cols``."""
+        return X_needed[np.searchsorted(needed, idx)][:, [col_of[f] for f in cols]]
 
     ensure_ray(cfg)
     existing = _existing_keys(cfg)
@@ -727,24 +783,17 @@ def run(cfg: Config) -> dict:
     kinds: dict[str, dict] = {}
     skipped: dict[str, str] = {}  # model label -> why it was not explained (in run.json)
     for spec in specs:
-        scope = _scope_mask(cluster_col, has_cluster, spec)
-        test_idx = np.flatnonzero(scope & (split == "test"))
-        train_idx = np.flatnonzero(scope & (split == "train"))
-        if len(train_idx) == 0:
+        n_test, n_train, rows, bg_idx = samples[spec.trained_on]
+        if n_train == 0:
             raise ExplainError(f"model {spec.label}: no train rows of its scope in "
                                "classifiers/dataset to draw a background from")
-        if len(test_idx) == 0:
+        if n_test == 0:
             # A small cluster can have train rows and no test rows: nothing to explain there.
             skipped[spec.label] = "no test rows in its scope"
             log.warning("[explain] %s skipped: no test rows in its scope", spec.label)
             continue
-        # Shared by every model with the same scope, so their rows and background line up.
-        rows = _sample(test_idx, ec.max_rows, cfg.run.seed, "rows", spec.trained_on)
-        bg_idx = _sample(train_idx, ec.background_rows, cfg.run.seed, "background",
-                         spec.trained_on)
         cols = list(spec.features)
-        X = np.column_stack([X_all[f] for f in cols])
-        background = X[bg_idx]
+        background = matrix(bg_idx, cols)
         model, digest = load_model(cfg, spec)
         kind = explainer_kind(model)
         kinds[spec.label] = kind
@@ -755,16 +804,17 @@ def run(cfg: Config) -> dict:
             idx = rows[start:start + ec.block_rows]
             part = _part_name(spec, b)
             planned.add(part)
-            key = _content_key(digest, kind, background, X[idx], schema)
+            X_idx = matrix(idx, cols)
+            key = _content_key(digest, kind, background, X_idx, schema)
             blocks_total += 1
             if part in existing and existing[part][1] == key:
                 t = _read_part(existing[part][0], tables.location(cfg, VALUES).fs)
                 vals = np.column_stack([t[f].to_numpy(zero_copy_only=False) for f in cols])
-                unit.add(vals, X[idx], [clusters_py[i] for i in idx],
+                unit.add(vals, X_idx, clusters_of(idx),
                          float(t["base_value"][0].as_py()), ec.plot_rows)
                 reused += 1
                 continue
-            todo_blocks.append(X[idx])
+            todo_blocks.append(X_idx)
             todo_meta.append((unit, b, idx, part, key))
         if todo_blocks:
             # The workers' explainer cache key: this model file with this background.
@@ -792,8 +842,8 @@ def run(cfg: Config) -> dict:
             res = ray.get(ref)
             worst = max(worst, check_additivity(res["values"], res["base"], res["output"],
                                                 ec.additivity_tol, unit.spec.label, b))
-            cl = [clusters_py[i] for i in idx]
-            row = {"image_id": image_ids[idx].tolist(), "model": [unit.spec.model] * len(idx),
+            cl = clusters_of(idx)
+            row = {"image_id": image_ids.take(pa.array(idx)), "model": [unit.spec.model] * len(idx),
                    "sampling": [unit.spec.sampling] * len(idx),
                    "trained_on": [unit.spec.trained_on] * len(idx), "cluster": cl,
                    "output": [unit.output] * len(idx), "base_value": [res["base"]] * len(idx),
@@ -805,8 +855,8 @@ def run(cfg: Config) -> dict:
             tables.write(cfg, VALUES, pa.table(cols_, schema=schema), schema=schema, part=part,
                          metadata={"explain_key": key,
                                    "explainer": json.dumps(kinds[unit.spec.label])})
-            feats_X = np.column_stack([X_all[f][idx] for f in unit.spec.features])
-            unit.add(res["values"], feats_X, cl, res["base"], ec.plot_rows)
+            unit.add(res["values"], matrix(idx, list(unit.spec.features)), cl, res["base"],
+                     ec.plot_rows)
             computed += 1
     except BaseException:
         for ref in waiting:

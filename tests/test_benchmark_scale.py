@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from pipeline.benchmarks.scale import _compare, layout_celeba
 
 
@@ -46,11 +48,34 @@ def test_layout_links_every_id_and_a_stride_keeps_the_splits(tmp_path):
 
 
 def test_ratios_flag_what_grows():
-    row = {"stage": "cluster", "driver_pss_mib": 500.0, "all_anon_mib": 900.0}
+    row = {"stage": "cluster", "driver_pss_mib": 500.0, "driver_anon_mib": 400.0,
+           "all_anon_mib": 900.0}
     small = [{**row, "seconds": 10.0}]
-    big = [{**row, "seconds": 200.0, "driver_pss_mib": 1000.0}]
+    big = [{**row, "seconds": 200.0, "driver_pss_mib": 1000.0, "driver_anon_mib": 500.0}]
     (r,) = _compare({20000: small, 202599: big}, [20000, 202599])
     assert r["time_ratio"] == 20.0 and not r["time_ok"]
     assert r["driver_ratio"] == 2.0 and not r["driver_ok"]
+    assert r["driver_anon_ratio"] == 1.25 and r["driver_anon_ok"]
     (ok,) = _compare({20000: small, 202599: [{**row, "seconds": 100.0}]}, [20000, 202599])
-    assert ok["time_ok"] and ok["driver_ok"]
+    assert ok["time_ok"] and ok["driver_ok"] and ok["driver_anon_ok"]
+
+
+def test_tiled_features_give_every_manifest_id_a_source_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.benchmarks.downstream import tile_features
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "man").mkdir()
+    src = pa.table({"image_id": ["b", "a", "c"], "p_Male": pa.array([0.2, 0.1, 0.3], pa.float32())},
+                   metadata={"faceaudit.features_format": "2"})
+    pq.write_table(src, tmp_path / "src" / "part-00000.parquet")
+    ids = [f"{i:06d}.jpg" for i in range(7)]
+    pq.write_table(pa.table({"image_id": ids}), tmp_path / "man" / "part-00000.parquet")
+    assert tile_features(tmp_path / "src", tmp_path / "man", tmp_path / "out") == 7
+    out = pq.read_table(tmp_path / "out")
+    assert out["image_id"].to_pylist() == ids
+    # row i is source row i mod 3 of the id-sorted source (a, b, c)
+    assert out["p_Male"].to_pylist() == pytest.approx([0.1, 0.2, 0.3, 0.1, 0.2, 0.3, 0.1])
+    assert out.schema.metadata[b"faceaudit.features_format"] == b"2"

@@ -102,9 +102,10 @@ def _stage_command(name: str, config: Path) -> list[str]:
     return [sys.executable, "-m", f"jobs.{name}", "--config", str(config), "--force"]
 
 
-def run_size(cfg, root: Path, out: Path) -> list[dict]:
-    """Every stage on the folder ``root``, each as its own job process (as a user runs
-    ``python -m jobs.<stage>``), so one stage's imports and heap never count for the next.
+def run_size(cfg, root: Path, out: Path, stages: list[str] | None = None) -> list[dict]:
+    """Every stage (or those named in ``stages``, in pipeline order) on the folder ``root``,
+    each as its own job process (as a user runs ``python -m jobs.<stage>``), so one stage's
+    imports and heap never count for the next.
 
     Times are the stage's own ``seconds`` from run.json (not the process's start-up or Ray's);
     memory is sampled over the job's process tree (the driver and the Ray it starts).
@@ -122,6 +123,8 @@ def run_size(cfg, root: Path, out: Path) -> list[dict]:
     config.write_text(dump_toml(scfg))
     rows = []
     for stage in STAGES:
+        if stages is not None and stage.name not in stages:
+            continue
         spill = out.parent / f"{out.name}-spill" / stage.name
         spill.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "RAY_object_spilling_config": json.dumps(
@@ -192,13 +195,18 @@ def _compare(results: dict[int, list[dict]], sizes: list[int]) -> list[dict]:
             continue
         t_ratio = r["seconds"] / max(s["seconds"], 1e-9)
         d_ratio = r["driver_pss_mib"] / max(s["driver_pss_mib"], 1e-9)
+        a_ratio = r["driver_anon_mib"] / max(s["driver_anon_mib"], 1e-9)
         out.append({"stage": r["stage"], "seconds_small": s["seconds"], "seconds_big": r["seconds"],
                     "time_ratio": round(t_ratio, 2),
                     "driver_mib_small": s["driver_pss_mib"], "driver_mib_big": r["driver_pss_mib"],
                     "driver_ratio": round(d_ratio, 2),
+                    "driver_anon_mib_small": s["driver_anon_mib"],
+                    "driver_anon_mib_big": r["driver_anon_mib"],
+                    "driver_anon_ratio": round(a_ratio, 2),
                     "all_anon_mib_small": s["all_anon_mib"], "all_anon_mib_big": r["all_anon_mib"],
                     "time_ok": t_ratio <= TIME_GOAL * (big / small) / 10,
-                    "driver_ok": d_ratio <= DRIVER_GOAL})
+                    "driver_ok": d_ratio <= DRIVER_GOAL,
+                    "driver_anon_ok": a_ratio <= DRIVER_GOAL})
     return out
 
 
@@ -206,8 +214,11 @@ def _print(table: list[dict], sizes: list[int]) -> None:
     if not table:
         return
     print(f"{'stage':<18}{'s@' + str(sizes[0]):>10}{'s@' + str(sizes[-1]):>12}{'x':>7}"
-          f"{'drvMiB small':>14}{'drvMiB big':>12}{'x':>7}  ok")
+          f"{'drvMiB small':>14}{'drvMiB big':>12}{'x':>7}{'anon small':>12}{'anon big':>10}"
+          f"{'x':>7}  ok (time, PSS, anon)")
     for r in table:
-        ok = "yes" if r["time_ok"] and r["driver_ok"] else "NO"
+        ok = " ".join("yes" if r[k] else "NO" for k in ("time_ok", "driver_ok", "driver_anon_ok"))
         print(f"{r['stage']:<18}{r['seconds_small']:>10}{r['seconds_big']:>12}{r['time_ratio']:>7}"
-              f"{r['driver_mib_small']:>14}{r['driver_mib_big']:>12}{r['driver_ratio']:>7}  {ok}")
+              f"{r['driver_mib_small']:>14}{r['driver_mib_big']:>12}{r['driver_ratio']:>7}"
+              f"{r['driver_anon_mib_small']:>12}{r['driver_anon_mib_big']:>10}"
+              f"{r['driver_anon_ratio']:>7}  {ok}")

@@ -23,7 +23,7 @@ import polars as pl
 import pyarrow as pa
 from sklearn.decomposition import PCA
 
-from pipeline import tables
+from pipeline import storage, tables
 from pipeline.classify._fit import SPLIT_CODES
 from pipeline.cluster import PRIMARY  # clusters/primary, owned by cluster
 from pipeline.config import CELEBA_ATTRIBUTES, Config
@@ -96,9 +96,17 @@ def _null_errors(df: pl.DataFrame, col: str, reason: str) -> list[dict]:
 def load_inputs(cfg: Config) -> Inputs:
     c = cfg.classify
     target = c.target
-    manifest = tables.read(cfg, "manifest")
-    attrs = manifest_attributes(manifest.schema)
+    mschema = storage.read_schema(tables.location(cfg, "manifest"))
+    if mschema is None:
+        raise FileNotFoundError(f"{tables.location(cfg, 'manifest').uri}: no manifest table; "
+                                "run the ingest stage first")
+    attrs = manifest_attributes(mschema)
+    # only the columns used: the manifest also carries landmarks, identities, paths ...
+    wanted = ["image_id", "uri", "split", *attrs,
+              *[s for s in c.sensitive if s in mschema.names and s not in attrs]]
+    manifest = tables.read(cfg, "manifest", columns=[n for n in wanted if n in mschema.names])
     m = pl.from_arrow(manifest)
+    del manifest
     labelled = [a for a in attrs if m[a].null_count() < m.height]
     if not labelled:
         raise NoTarget("the manifest holds no annotated boolean attribute (nothing to classify)")
@@ -112,7 +120,7 @@ def load_inputs(cfg: Config) -> Inputs:
                          f"attributes are {labelled}")
     if target not in attrs:
         raise ValueError(f"classify.target={target!r} must be a boolean attribute, manifest has "
-                         f"type {manifest.schema.field(target).type}")
+                         f"type {mschema.field(target).type}")
     if target not in labelled:
         raise NoTarget(f"classify.target={target!r} is null for every image of this dataset")
     errors: list[dict] = []
@@ -148,13 +156,19 @@ def load_inputs(cfg: Config) -> Inputs:
             raise ValueError(f"classify.features={c.features} needs the features/ table, which "
                              f"is missing under {cfg.output.root}: run the extract stage first, "
                              "or set classify.features=[\"annotations\"]")
-        feats = tables.read(cfg, "features")
-        fids = set(feats.column("image_id").to_pylist())
-        missing = m.filter(~pl.col("image_id").is_in(list(fids)))
+        fschema = storage.read_schema(tables.location(cfg, "features"))
+        fcols = ["image_id"]
+        if "semantic" in c.features:
+            fcols += [n for n in fschema.names if n.startswith("p_")]
+        if "embedding" in c.features:
+            fcols.append("embedding")  # 1 GB at 202,599 x 1280: read only when it is a feature
+        feats = tables.read(cfg, "features", columns=fcols)
+        fids = pl.from_arrow(feats.select(["image_id"]))
+        missing = m.join(fids, on="image_id", how="anti")
         errors += [{"image_id": r["image_id"], "uri": r["uri"],
                     "reason": "classify: no features row for this image (extract skipped it)"}
                    for r in missing.select("image_id", "uri").to_dicts()]
-        m = m.filter(pl.col("image_id").is_in(list(fids)))
+        m = m.join(fids, on="image_id", how="semi")
 
     for source in c.features:
         if source == "semantic":
@@ -184,13 +198,15 @@ def load_inputs(cfg: Config) -> Inputs:
             names += cols
         elif source == "embedding":
             emb = feats.select(["image_id", "embedding"])
-            ids = np.asarray(emb.column("image_id").to_pylist(), dtype=object)
+            ids = emb.column("image_id").to_numpy(zero_copy_only=False)
             col = emb.column("embedding").combine_chunks()
             if col.null_count:
                 raise ValueError("features/embedding has null rows; rerun extract")
-            E = col.flatten().to_numpy().reshape(len(col), -1).astype(np.float64)
-            train_ids = set(m.filter(pl.col("split") == "train")["image_id"].to_list())
-            is_train = np.array([i in train_ids for i in ids])
+            # float32 as extracted (a float64 copy is 2 GB at 202,599 x 1280)
+            E = col.flatten().to_numpy().reshape(len(col), -1)
+            del emb, col
+            train_ids = m.filter(pl.col("split") == "train")["image_id"].to_numpy()
+            is_train = np.isin(ids, train_ids)
             k = min(c.embedding_components, E.shape[1], int(is_train.sum()))
             if k < 1:
                 raise ValueError("no train rows with an embedding to fit the PCA on")
@@ -243,15 +259,21 @@ def load_inputs(cfg: Config) -> Inputs:
         elif base[s].null_count() == base.height:
             skipped[s] = "null for every image of this dataset"
         else:
-            vals = base[s].to_list()
-            sensitive[s] = np.array([None if v is None else str(v) for v in vals], dtype=object)
+            # group labels as str(value) ("True"/"False" for booleans), vectorised
+            col = base[s]
+            if col.dtype == pl.Boolean:
+                col = pl.select(pl.when(col).then(pl.lit("True")).otherwise(pl.lit("False"))
+                                .alias(s)).to_series().set(col.is_null(), None)
+            else:
+                col = col.cast(pl.String)
+            sensitive[s] = col.to_numpy().astype(object)
     if skipped:
         notes["sensitive_skipped"] = skipped
         log.warning("classify: sensitive attributes skipped: %s", skipped)
 
     return Inputs(
         image_id=base["image_id"].to_numpy().astype(object),
-        split=np.array([SPLIT_CODES[s] for s in base["split"].to_list()], dtype=np.int8),
+        split=base["split"].replace_strict(SPLIT_CODES, return_dtype=pl.Int8).to_numpy(),
         y=base["__target"].to_numpy().astype(bool),
         cluster=base["cluster"].fill_null(-1).to_numpy().astype(np.int32),
         X=base.select(names).to_numpy().astype(np.float64) if names else np.zeros((base.height, 0)),

@@ -123,7 +123,7 @@ def evaluate(y: np.ndarray, score: np.ndarray, label: np.ndarray,
     all_groups = {"overall": np.full(len(y), "all", dtype=object), **groupings}
     for group_by, groups in all_groups.items():
         groups = np.asarray(groups, dtype=object)
-        mask = np.array([g is not None for g in groups], dtype=bool)
+        mask = np.asarray(groups != None, dtype=bool)  # noqa: E711 (elementwise)
         if not mask.any():
             continue
         ys = score[mask]

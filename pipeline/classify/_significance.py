@@ -92,9 +92,9 @@ def intersections(groupings: dict[str, np.ndarray], min_size: int
     small: dict[str, list[str]] = {}
     for a, b in pairs:
         la, lb = np.asarray(groupings[a], dtype=object), np.asarray(groupings[b], dtype=object)
-        ok = np.array([x is not None and y is not None for x, y in zip(la, lb)], dtype=bool)
+        ok = np.asarray((la != None) & (lb != None), dtype=bool)  # noqa: E711 (elementwise)
         lab = np.full(len(la), None, dtype=object)
-        lab[ok] = [f"{x}{SEP}{y}" for x, y in zip(la[ok], lb[ok])]
+        lab[ok] = np.char.add(np.char.add(la[ok].astype(str), SEP), lb[ok].astype(str))
         values, counts = np.unique(lab[ok].astype(str), return_counts=True)
         tiny = values[counts < min_size]
         lab[np.isin(lab.astype(str), tiny) & ok] = None
@@ -219,7 +219,7 @@ def permutation_test(y: np.ndarray, label: np.ndarray, score: np.ndarray, groups
     low_value, p_value, permutations.
     """
     groups = np.asarray(groups, dtype=object)
-    mask = np.array([g is not None for g in groups], dtype=bool)
+    mask = np.asarray(groups != None, dtype=bool)  # noqa: E711 (elementwise)
     y = np.asarray(y).astype(bool)[mask]
     label = np.asarray(label).astype(bool)[mask]
     score = np.asarray(score, dtype=np.float64)[mask]

@@ -61,7 +61,7 @@ def _test_arrays(cfg: Config, inputs: Inputs) -> dict:
     groupings = {}
     if inputs.has_clusters:
         cl = inputs.cluster[test]
-        groupings["cluster"] = np.array([str(k) if k >= 0 else None for k in cl], dtype=object)
+        groupings["cluster"] = np.where(cl >= 0, cl.astype(str), None).astype(object)
     for name, labels in inputs.sensitive.items():
         groupings[name] = labels[test]
     too_small: dict[str, list[str]] = {}

@@ -55,18 +55,27 @@ def cluster_label(prev: np.ndarray, overall: np.ndarray, names: list[str], terms
 
 def profiles(key: dict, labels: np.ndarray, M: np.ndarray, V: np.ndarray, names: list[str],
              source: str, terms: int, exclude: str | None) -> list[dict]:
-    """One row per cluster x attribute. ``M``: bool (n, a) values; ``V``: bool (n, a) not-null."""
-    Mf, Vf = (M & V).astype(np.float64), V.astype(np.float64)
-    overall = Mf.sum(0) / np.maximum(Vf.sum(0), 1)
+    """One row per cluster x attribute. ``M``: bool (n, a) values; ``V``: bool (n, a) not-null.
+
+    Counts per cluster come from one ``bincount`` per attribute column, so nothing of size
+    rows x attributes is made (a float copy of M is 65 MB at 202,599 x 40).
+    """
+    clusters, code = np.unique(labels, return_inverse=True)
+    nc = len(clusters)
+    pos = np.stack([np.bincount(code, weights=M[:, j] & V[:, j], minlength=nc)
+                    for j in range(M.shape[1])], axis=1).reshape(nc, M.shape[1])
+    known = np.stack([np.bincount(code, weights=V[:, j], minlength=nc)
+                      for j in range(M.shape[1])], axis=1).reshape(nc, M.shape[1])
+    overall = pos.sum(0) / np.maximum(known.sum(0), 1)
+    sizes = np.bincount(code, minlength=nc)
     n = len(labels)
     rows = []
-    for c in np.unique(labels):
-        m = labels == c
-        prev = Mf[m].sum(0) / np.maximum(Vf[m].sum(0), 1)
+    for i, c in enumerate(clusters):
+        prev = pos[i] / np.maximum(known[i], 1)
         label = cluster_label(prev, overall, names, terms, exclude)
         if c < 0:
             label = "noise: " + label
-        size = int(m.sum())
+        size = int(sizes[i])
         for j, name in enumerate(names):
             rows.append({**key, "cluster": int(c), "size": size, "share": size / n,
                          "attribute": name, "source": source, "prevalence": float(prev[j]),
@@ -88,12 +97,27 @@ def centroid_distances(key: dict, X: np.ndarray, labels: np.ndarray) -> list[dic
             for i, a in enumerate(ids) for j, b in enumerate(ids)]
 
 
+# Rows per block of the P(A | B) counts: a block's float copies are 2 x 16,384 x 40 x 4 bytes.
+CONDITIONAL_BLOCK_ROWS = 16384
+
+
 def conditional(M: np.ndarray, V: np.ndarray, names: list[str], source: str) -> list[dict]:
     """P(A | B) for every ordered pair, over the rows where both A and B are known."""
-    A = (M & V).astype(np.float64)
-    Vf = V.astype(np.float64)
-    both = A.T @ A  # [a, b] = rows with A and B
-    given = Vf.T @ A  # [a, b] = rows with A known and B true
+    return conditional_batched(lambda lo, hi: (M[lo:hi], V[lo:hi]), len(M), names, source)
+
+
+def conditional_batched(block, n: int, names: list[str], source: str) -> list[dict]:
+    """:func:`conditional` over ``n`` rows given block by block: ``block(lo, hi)`` returns the
+    (values, known) bool matrices of rows lo..hi. The pair counts are summed over blocks of
+    ``CONDITIONAL_BLOCK_ROWS`` (float32 products are exact below 2**24 rows per block)."""
+    a = len(names)
+    both = np.zeros((a, a))  # [a, b] = rows with A and B
+    given = np.zeros((a, a))  # [a, b] = rows with A known and B true
+    for lo in range(0, n, CONDITIONAL_BLOCK_ROWS):
+        M, V = block(lo, min(n, lo + CONDITIONAL_BLOCK_ROWS))
+        A = (M & V).astype(np.float32)
+        both += A.T @ A
+        given += V.astype(np.float32).T @ A
     rows = []
     for i, a in enumerate(names):
         for j, b in enumerate(names):
@@ -114,13 +138,15 @@ def demographics(key: dict, labels: np.ndarray, columns: dict[str, np.ndarray]) 
 
     rows = []
     for attr, values in columns.items():
-        known = np.asarray([v is not None for v in values])
+        known = np.asarray(values != None, dtype=bool)  # noqa: E711 (elementwise, object array)
         if not known.any():
             continue
-        vals, labs = values[known].astype(str), labels[known]
-        cats = sorted(set(vals))
-        clusters = np.unique(labs)
-        table = np.array([[int(np.sum((labs == c) & (vals == g))) for g in cats] for c in clusters])
+        cats, g = np.unique(values[known].astype(str), return_inverse=True)
+        cats = cats.tolist()
+        clusters, c = np.unique(labels[known], return_inverse=True)
+        # cluster x category counts in one bincount (no per-row or per-cell pass over the rows)
+        table = np.bincount(c * len(cats) + g, minlength=len(clusters) * len(cats)
+                            ).reshape(len(clusters), len(cats))
         sub = table[table.sum(1) > 0][:, table.sum(0) > 0]
         chi2 = dof = p = None
         if sub.shape[0] >= 2 and sub.shape[1] >= 2:

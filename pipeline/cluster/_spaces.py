@@ -58,6 +58,14 @@ class Inputs:
     features: pa.Table | None  # features rows joined to the manifest, sorted by image_id
     errors: list[dict]  # rows for errors/
     has_embedding: bool = False  # features/ has an embedding column (streamed, never held whole)
+    _feature_ids: np.ndarray | None = None
+
+    def feature_ids(self) -> np.ndarray:
+        """``features``' image ids as an object array (made once: every space and the
+        profiles index by it, and each copy is ~14 MB of str objects at 202,599 rows)."""
+        if self._feature_ids is None:
+            self._feature_ids = self.features["image_id"].to_numpy(zero_copy_only=False)
+        return self._feature_ids
 
 
 def _feature_schema(cfg: Config) -> pa.Schema | None:
@@ -82,7 +90,7 @@ def load_inputs(cfg: Config, need_embedding: bool) -> Inputs:
     mschema = pads.dataset(files, filesystem=loc.fs, format="parquet").schema
     attrs = manifest_attributes(mschema)
     demo_cols = [c for c in DEMOGRAPHIC_COLUMNS if c in mschema.names]
-    manifest = tables.read(cfg, "manifest", columns=["image_id", "uri", *attrs, *demo_cols])
+    manifest = tables.read(cfg, "manifest", columns=["image_id", *attrs, *demo_cols])
     manifest = manifest.sort_by("image_id")
     ids = np.asarray(manifest["image_id"].to_pylist(), dtype=object)
     if len(set(ids)) != len(ids):
@@ -118,7 +126,7 @@ def load_inputs(cfg: Config, need_embedding: bool) -> Inputs:
                 errors.append({"image_id": fid, "uri": None,
                                "reason": "features row has no manifest row (left out of clustering)"})
             features = features.filter(pa.array(known))
-        dup = len(set(features["image_id"].to_pylist())) != features.num_rows
+        dup = pc.count_distinct(features["image_id"]).as_py() != features.num_rows
         if dup:
             raise ValueError("features table has duplicate image_id values; rerun the extract "
                              "stage (--force extract)")
@@ -163,7 +171,7 @@ def build_semantic(cfg: Config, inp: Inputs) -> tuple[Space | None, str]:
     pcols = [n for n in inp.features.column_names if n.startswith("p_") and n != target]
     if not pcols:
         return None, "the features table has no p_<Attribute> columns besides the target"
-    ids = np.asarray(inp.features["image_id"].to_pylist(), dtype=object)
+    ids = inp.feature_ids()
     X = np.stack([inp.features[c].to_numpy(zero_copy_only=False).astype(np.float32)
                   for c in pcols], axis=1)
     ok = _finite_rows("semantic", ids, X, inp.errors)
@@ -226,7 +234,7 @@ def build_embedding(cfg: Config, inp: Inputs) -> tuple[Space | None, str]:
         return None, "the features table has no embedding column"
     from sklearn.decomposition import PCA
 
-    ids_all = np.asarray(inp.features["image_id"].to_pylist(), dtype=object)
+    ids_all = inp.feature_ids()
     finite = np.zeros(len(ids_all), dtype=bool)
     d = 0
     for pos, E in _embedding_batches(cfg, inp):

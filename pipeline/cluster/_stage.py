@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from pipeline import tables
+from pipeline import storage, tables
 from pipeline.cluster import _describe as describe
 from pipeline.cluster._fit import SweepSpec, choose_k, hdbscan_min_cluster_size, sweep_one
 from pipeline.cluster._schemas import (ASSIGNMENTS_SCHEMA, CENTROID_DISTANCES_SCHEMA,
@@ -73,13 +73,17 @@ def _sweep_task(X, spec, sample_idx, sil_idx, references):
 
 
 def run_sweep(jobs: list[SpaceJob], specs: dict[str, list[SweepSpec]], parallel: bool = True,
-              cpus_per_task: float = 1.0, x_refs: dict | None = None
+              cpus_per_task: float = 1.0, x_refs: dict | None = None, fetch_labels: bool = True
               ) -> list[tuple[dict, np.ndarray]]:
     """Every spec of every space: through Ray tasks, or one after another in this process.
 
     On Ray each space's matrix, references and samples are put in the object store once and
     every task of the space gets the same references, so a 202,599-row matrix is shipped once,
     not once per k. ``x_refs`` (space -> ObjectRef) reuses matrices the caller already put.
+    Each task returns its sweep rows and every spec's labels as separate objects, so with
+    ``fetch_labels=False`` the labels stay in the object store as ObjectRefs and the caller
+    fetches only the chosen k's (every k's labels of every row would grow the driver by
+    rows x specs x 4 bytes: 80 MB at 202,599 rows and 100 specs).
     """
     if not parallel:
         return [_sweep_task(j.space.X, s, j.sample_idx, j.sil_idx, j.references)
@@ -106,12 +110,13 @@ def run_sweep(jobs: list[SpaceJob], specs: dict[str, list[SweepSpec]], parallel:
         j, chunk = todo[i]
         x_ref, s_ref, sil_ref, ref_ref = puts[j.space.name]
         mem = max(_memory_request(s, j.sample_idx) for s in chunk)
-        t = task.options(memory=mem) if mem else task
-        refs[i] = t.remote(x_ref, chunk, s_ref, sil_ref, ref_ref)
+        opts = {"num_returns": 1 + len(chunk), **({"memory": mem} if mem else {})}
+        refs[i] = task.options(**opts).remote(x_ref, chunk, s_ref, sil_ref, ref_ref)
     by_spec = {}
-    for (j, chunk), res in zip(todo, ray.get(refs)):
-        for s, r in zip(chunk, res):
-            by_spec[(j.space.name, id(s))] = r
+    for (j, chunk), out in zip(todo, refs):
+        labels = ray.get(out[1:]) if fetch_labels else out[1:]
+        for s, row, lab in zip(chunk, ray.get(out[0]), labels):
+            by_spec[(j.space.name, id(s))] = (row, lab)
     return [by_spec[(j.space.name, id(s))] for j in jobs for s in specs[j.space.name]]
 
 
@@ -138,7 +143,9 @@ def _chunks(job: SpaceJob, specs: list[SweepSpec], n_chunks: int) -> list[list[S
 
 
 def _sweep_chunk(X, chunk, sample_idx, sil_idx, references):
-    return [_sweep_task(X, s, sample_idx, sil_idx, references) for s in chunk]
+    """The chunk's sweep rows, then each spec's labels (one return value each)."""
+    out = [_sweep_task(X, s, sample_idx, sil_idx, references) for s in chunk]
+    return ([row for row, _ in out], *(labels for _, labels in out))
 
 
 def _task_cost(job: SpaceJob, spec: SweepSpec) -> float:
@@ -186,6 +193,15 @@ def _check_config(cfg: Config) -> None:
         raise ValueError("cluster.spaces and cluster.algorithms must each name at least one entry")
 
 
+def _drop_parts_except(cfg: Config, name: str, keep: list[str]) -> None:
+    """Delete the parts of table ``name`` not in ``keep`` (a previous run's extra parts)."""
+    loc = tables.location(cfg, name)
+    keep_paths = {loc.join(f"{p}.parquet").path for p in keep}
+    for path in storage.parquet_files(loc):
+        if path not in keep_paths:
+            loc.fs.delete_file(path)
+
+
 def _profile_source(inp: Inputs) -> tuple[str, list[str]]:
     """Ground-truth attributes when the manifest has them, else predicted ones (p >= 0.5)."""
     if inp.attributes:
@@ -202,8 +218,7 @@ def _attribute_matrix(inp: Inputs, source: str, names: list[str],
         M = np.stack([inp.truth[a][pos] for a in names], axis=1)
         V = np.stack([inp.valid[a][pos] for a in names], axis=1)
         return M, V
-    fids = np.asarray(inp.features["image_id"].to_pylist(), dtype=object)
-    pos = np.searchsorted(fids, ids)
+    pos = np.searchsorted(inp.feature_ids(), ids)
     P = np.stack([inp.features[f"p_{a}"].to_numpy(zero_copy_only=False)[pos] for a in names], 1)
     return P >= 0.5, np.isfinite(P)
 
@@ -227,7 +242,8 @@ def run(cfg: Config) -> dict:
     if not inp.attributes and inp.features is None:
         raise StageSkipped("the manifest has no annotated attributes and there is no features "
                            "table: nothing to cluster (run the extract stage first)")
-    spaces, skipped = {}, {}
+    source, attr_names = _profile_source(inp)
+    spaces, skipped, x_refs = {}, {}, {}
     for name in c.spaces:
         space, why = BUILDERS[name](cfg, inp)
         if space is None:
@@ -237,12 +253,19 @@ def run(cfg: Config) -> dict:
             skipped[name] = f"only {space.X.shape[0]} rows"
             log.warning("[cluster] space %s skipped: only %d rows", name, space.X.shape[0])
         else:
+            # Into the object store once (every sweep and map task reads it from there); the
+            # driver keeps the store's zero-copy view instead of its own copy, so it holds no
+            # rows x dims matrix of its own (the three spaces are ~100 MB at 202,599 rows).
+            x_refs[name] = ray.put(space.X)
+            space.X = ray.get(x_refs[name])
             spaces[name] = space
+    if source == "annotations" and inp.features is not None:
+        # the p_ columns were only needed for the semantic space (built above)
+        inp.features = inp.features.select(["image_id"])
     if not spaces:
         raise StageSkipped("no feature space could be built: " +
                            "; ".join(f"{k}: {v}" for k, v in skipped.items()))
 
-    source, attr_names = _profile_source(inp)
     refs_missing = {}
     jobs, specs, notes = [], {}, []
     for name, sp in spaces.items():
@@ -269,7 +292,6 @@ def run(cfg: Config) -> dict:
 
     # The 2-D maps run as tasks alongside the sweep (t-SNE is the slowest single step here).
     map_task = ray.remote(num_cpus=c.cpus_per_task)(_map_task)
-    x_refs = {name: ray.put(sp.X) for name, sp in spaces.items()}  # once per space
     map_idx, map_refs = {}, {}
     for name, sp in spaces.items():
         map_idx[name] = _seeded_sample(cfg.run.seed, sp.X.shape[0], c.map_rows, "map", name)
@@ -277,7 +299,7 @@ def run(cfg: Config) -> dict:
                                          derive_seed(cfg.run.seed, STAGE, "map", name))
     t0 = time.time()
     results = run_sweep(jobs, specs, parallel=True, cpus_per_task=c.cpus_per_task,
-                        x_refs=x_refs)
+                        x_refs=x_refs, fetch_labels=False)
     sweep_s = time.time() - t0
     coords = {name: ray.get(r) for name, r in map_refs.items()}
 
@@ -295,35 +317,62 @@ def run(cfg: Config) -> dict:
         for r, labels in items:
             r["chosen"] = r["k"] == k
             if r["chosen"]:
-                chosen_labels[(space, algo)] = labels
+                chosen_labels[(space, algo)] = labels  # an ObjectRef: fetched when described
                 chosen[f"{space}/{algo}"] = {
                     "k": int(k), "rule": why,
                     **{m: (None if r[m] is None else round(r[m], 4)) for m in
                        ("silhouette", "davies_bouldin", "calinski_harabasz")}}
     sweep_rows = [r for r, _ in results]
+    n_tasks = len(results)
+    del results, by_key  # the other k's labels leave the object store
     for r in sweep_rows:
         for a in c.reference_attributes:
             for m in ("nmi", "ari", "purity"):
                 r.setdefault(f"{m}_{a}", None)
 
-    # Describe the chosen clusterings.
-    assign, prof, dists, demo = [], [], [], []
+    # The one clustering downstream stages use.
+    primary_space = c.primary_space
+    if primary_space not in spaces:
+        fallback = "annotations" if "annotations" in spaces else sorted(spaces)[0]
+        log.warning("[cluster] primary space %s is missing (%s); clusters/primary uses %s",
+                    primary_space, skipped.get(primary_space, "not in cluster.spaces"), fallback)
+        primary_space = fallback
+    if (primary_space, c.primary_algorithm) not in chosen_labels:
+        raise ValueError(f"no {c.primary_algorithm} clustering of the {primary_space} space "
+                         f"could be fitted ({'; '.join(notes) or 'no sweep rows'}); give the "
+                         "stage more rows or lower cluster.k_min")
+    pk = chosen[f"{primary_space}/{c.primary_algorithm}"]["k"]
+    meta = Settings(spaces=tuple(c.spaces), k_rule=c.k_rule, k=c.k, primary_space=primary_space,
+                    primary_algorithm=c.primary_algorithm, primary_k=int(pk),
+                    profile_source=source, map_method=c.map_method).metadata()
+
+    # Describe the chosen clusterings, one at a time: each one's labels are fetched from the
+    # object store and its assignments written as their own part, so the driver never holds
+    # every clustering's rows at once.
+    prof, dists, demo = [], [], []
     demo_missing = {}
-    for (space, algo), labels in sorted(chosen_labels.items()):
+    n_assigned, parts = 0, []
+    for (space, algo), labels_ref in sorted(chosen_labels.items()):
+        labels = ray.get(labels_ref)
         sp = spaces[space]
         k = int(chosen[f"{space}/{algo}"]["k"])
         key = {"space": space, "algorithm": algo, "k": k}
         x = np.full(len(labels), np.nan, dtype=np.float32)
         y = x.copy()
         x[map_idx[space]], y[map_idx[space]] = coords[space][:, 0], coords[space][:, 1]
-        assign.append(pa.table({
-            "image_id": pa.array(sp.image_ids.tolist(), pa.string()),
-            "space": pa.array([space] * len(labels), pa.string()),
-            "algorithm": pa.array([algo] * len(labels), pa.string()),
+        ids = pa.array(sp.image_ids, pa.string())
+        part = f"part-{len(parts):05d}"
+        n_assigned += tables.write(cfg, "clusters/assignments", pa.table({
+            "image_id": ids,
+            "space": pa.repeat(pa.scalar(space, pa.string()), len(labels)),
+            "algorithm": pa.repeat(pa.scalar(algo, pa.string()), len(labels)),
             "k": pa.array(np.full(len(labels), k, dtype=np.int32)),
             "cluster": pa.array(labels.astype(np.int32)),
             "x": pa.array(x, mask=np.isnan(x)), "y": pa.array(y, mask=np.isnan(y)),
-        }))
+        }), schema=ASSIGNMENTS_SCHEMA, part=part, metadata=meta)
+        parts.append(part)
+        if (space, algo) == (primary_space, c.primary_algorithm):
+            primary = pa.table({"image_id": ids, "cluster": pa.array(labels.astype(np.int32))})
         M, V = _attribute_matrix(inp, source, attr_names, sp.image_ids)
         prof += describe.profiles(key, labels, M, V, attr_names, source, c.label_terms,
                                   exclude=cfg.classify.target)
@@ -340,37 +389,23 @@ def run(cfg: Config) -> dict:
         for name, values in inp.demographics.items():
             demo_cols[name] = values[pos]
         demo += describe.demographics(key, labels, demo_cols)
-    all_M, all_V = (_attribute_matrix(inp, source, attr_names, inp.image_ids)
-                    if source == "annotations" else
-                    _attribute_matrix(inp, source, attr_names,
-                                      np.asarray(inp.features["image_id"].to_pylist(), dtype=object)))
-    cond = describe.conditional(all_M, all_V, attr_names, source)
+        del M, V, labels, demo_cols
+    _drop_parts_except(cfg, "clusters/assignments", parts)
+    if source == "annotations":
+        cond = describe.conditional_batched(
+            lambda lo, hi: _attribute_matrix(inp, source, attr_names, inp.image_ids[lo:hi]),
+            len(inp.image_ids), attr_names, source)
+    else:
+        fids = inp.feature_ids()
+        cond = describe.conditional_batched(
+            lambda lo, hi: _attribute_matrix(inp, source, attr_names, fids[lo:hi]),
+            len(fids), attr_names, source)
 
-    # The one clustering downstream stages use.
-    primary_space = c.primary_space
-    if primary_space not in spaces:
-        fallback = "annotations" if "annotations" in spaces else sorted(spaces)[0]
-        log.warning("[cluster] primary space %s is missing (%s); clusters/primary uses %s",
-                    primary_space, skipped.get(primary_space, "not in cluster.spaces"), fallback)
-        primary_space = fallback
-    if (primary_space, c.primary_algorithm) not in chosen_labels:
-        raise ValueError(f"no {c.primary_algorithm} clustering of the {primary_space} space "
-                         f"could be fitted ({'; '.join(notes) or 'no sweep rows'}); give the "
-                         "stage more rows or lower cluster.k_min")
-    plabels = chosen_labels[(primary_space, c.primary_algorithm)]
-    pk = chosen[f"{primary_space}/{c.primary_algorithm}"]["k"]
-    primary = pa.table({"image_id": pa.array(spaces[primary_space].image_ids.tolist(), pa.string()),
-                        "cluster": pa.array(plabels.astype(np.int32))})
-
-    meta = Settings(spaces=tuple(c.spaces), k_rule=c.k_rule, k=c.k, primary_space=primary_space,
-                    primary_algorithm=c.primary_algorithm, primary_k=int(pk),
-                    profile_source=source, map_method=c.map_method).metadata()
     rows = {
         "clusters/sweep": tables.replace(cfg, "clusters/sweep", pa.Table.from_pylist(
             sweep_rows, schema=sweep_schema(c.reference_attributes)),
             schema=sweep_schema(c.reference_attributes), metadata=meta),
-        "clusters/assignments": tables.replace(cfg, "clusters/assignments", pa.concat_tables(
-            assign), schema=ASSIGNMENTS_SCHEMA, metadata=meta),
+        "clusters/assignments": n_assigned,
         "clusters/profiles": tables.replace(cfg, "clusters/profiles", pa.Table.from_pylist(
             prof, schema=PROFILES_SCHEMA), schema=PROFILES_SCHEMA, metadata=meta),
         "clusters/centroid_distances": tables.replace(
@@ -398,7 +433,7 @@ def run(cfg: Config) -> dict:
         "reference_attributes_missing": refs_missing,
         "demographic_attributes_missing": demo_missing,
         "notes": notes,
-        "sweep_tasks": len(results),
+        "sweep_tasks": n_tasks,
         "sweep_seconds": round(sweep_s, 2),
         "seconds": round(time.time() - t_start, 2),
         "errors": len(inp.errors),

@@ -23,7 +23,8 @@ from pipeline.cluster import PROFILES, SWEEP, Settings, read_settings
 
 
 def build(ctx: Context) -> list[str]:
-    sweep, assign = ctx.table(SWEEP), ctx.table(ASSIGN)
+    # assignments: only which clusterings exist here; each one's rows are read when drawn
+    sweep, assign = ctx.table(SWEEP), ctx.distinct(ASSIGN, ["space", "algorithm"])
     if sweep is None and assign is None:
         return [ctx.missing("clusters")]
     spaces: list[str] = []
@@ -79,7 +80,7 @@ def _intro(settings: Settings, spaces: list[str]) -> str:
 
 
 def _primary_algorithm(ctx: Context, settings: Settings, space: str) -> str | None:
-    a = ctx.table(ASSIGN)
+    a = ctx.distinct(ASSIGN, ["space", "algorithm"])
     if a is None:
         return None
     algos = list(a.loc[a["space"] == space, "algorithm"].unique())
@@ -89,8 +90,8 @@ def _primary_algorithm(ctx: Context, settings: Settings, space: str) -> str | No
 
 
 def _members(ctx: Context, space: str, algo: str) -> pd.DataFrame:
-    a = ctx.table(ASSIGN)
-    return a[(a["space"] == space) & (a["algorithm"] == algo)]
+    return ctx.rows_where(ASSIGN, ["image_id", "k", "cluster", "x", "y"], space=space,
+                          algorithm=algo)
 
 
 def _profiles(ctx: Context, space: str, algo: str) -> pd.DataFrame:

@@ -119,6 +119,39 @@ class Context:
                 self._cache[key] = t.to_pandas()
         return self._cache[key]
 
+    def rows_where(self, name: str, columns: Iterable[str], **equal: object
+                   ) -> pd.DataFrame | None:
+        """Rows of ``name`` whose columns equal the given values, ``columns`` only; filtered
+        while reading, so a table holding every clustering's rows (1.8 M rows at 202,599
+        images) is never a DataFrame whole. None when no stage has written it."""
+        import pyarrow.dataset as pads
+
+        key = f"{name}:{','.join(columns)}:" + ",".join(f"{k}={v}" for k, v in equal.items())
+        if key not in self._cache:
+            if not tables.exists(self.cfg, name):
+                self._cache[key] = None
+            else:
+                loc = tables.location(self.cfg, name)
+                ds = pads.dataset(storage.parquet_files(loc), filesystem=loc.fs,
+                                  format="parquet")
+                expr = None
+                for k, v in equal.items():
+                    term = pads.field(k) == v
+                    expr = term if expr is None else expr & term
+                self._cache[key] = ds.to_table(columns=list(columns), filter=expr).to_pandas()
+        return self._cache[key]
+
+    def distinct(self, name: str, columns: Iterable[str]) -> pd.DataFrame | None:
+        """The distinct value combinations of ``columns`` in ``name`` (grouped in Arrow)."""
+        key = f"{name}:distinct:{','.join(columns)}"
+        if key not in self._cache:
+            if not tables.exists(self.cfg, name):
+                self._cache[key] = None
+            else:
+                t = tables.read(self.cfg, name, columns=list(columns))
+                self._cache[key] = t.group_by(list(columns)).aggregate([]).to_pandas()
+        return self._cache[key]
+
     def has(self, name: str) -> bool:
         return tables.exists(self.cfg, name)
 

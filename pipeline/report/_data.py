@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import pandas as pd
 
+from pipeline import storage, tables
 from pipeline.report import _plots as P
 from pipeline.report._context import Context, h, note, table_html
+from pipeline.schemas import manifest_attributes
 
 TITLE = "Data"
 
 
 def build(ctx: Context) -> list[str]:
     out = []
-    m = ctx.table("manifest")
+    m = _manifest(ctx)
     if m is None:
         out.append(ctx.missing("manifest"))
     else:
@@ -22,6 +24,18 @@ def build(ctx: Context) -> list[str]:
             out.append(ctx.part("Age, gender and race (UTKFace)", lambda: _utk(ctx, m)))
     out.append(ctx.part("Rejected inputs (errors/)", lambda: _errors(ctx, m is not None)))
     return out
+
+
+# Manifest columns this section shows, besides the boolean attributes (not uris, landmarks ...).
+_SHOWN = ("split", "dataset", "identity", "person", "age", "gender", "race")
+
+
+def _manifest(ctx: Context) -> pd.DataFrame | None:
+    if not ctx.has("manifest"):
+        return None
+    schema = storage.read_schema(tables.location(ctx.cfg, "manifest"))
+    return ctx.table("manifest", columns=[c for c in schema.names if c in _SHOWN]
+                     + manifest_attributes(schema))
 
 
 def _splits(m: pd.DataFrame) -> list[str]:

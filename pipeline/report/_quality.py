@@ -101,7 +101,7 @@ def _counts(ctx: Context, s: pd.DataFrame) -> list[str]:
 
 
 def _labels_of(ctx: Context) -> pd.DataFrame:
-    m = ctx.table("manifest")
+    m = ctx.table("manifest", columns=["image_id", "uri"])  # the faces' files only
     return m.set_index("image_id")
 
 
