@@ -661,7 +661,7 @@ def _read_rows(cfg: Config, ids: pa.Array, features: list[str]) -> np.ndarray:
     ``ids`` (in that order), streamed over classifiers/dataset batch by batch."""
     import pyarrow.dataset as pads
 
-    loc = tables.location(cfg, "classifiers/dataset")
+    loc = tables.location(cfg, CLASSIFY_DATASET)
     ds = pads.dataset(storage.parquet_files(loc), filesystem=loc.fs, format="parquet")
     out = np.full((len(ids), len(features)), np.nan)
     found = np.zeros(len(ids), dtype=bool)
