@@ -227,10 +227,11 @@ class HeadConfig(_Section):
     # Feature blocks the head reads: cnn (the attribute model's logits), embedding, geometry.
     inputs: list[Literal["cnn", "embedding", "geometry"]] = Field(
         default_factory=lambda: ["cnn", "embedding", "geometry"])
-    # Inverse L2 regularisation strength of each attribute's logistic regression.
-    C: float = Field(default=0.1, gt=0)
-    # lbfgs iterations per attribute.
-    max_iter: int = Field(default=300, ge=1)
+    # L2 penalty on the face-feature weights (the CNN logit's own weight is free); 1 was best of
+    # 1 / 3 / 10 / 100 on real CelebA (docs/train.md).
+    l2: float = Field(default=1.0, gt=0)
+    # L-BFGS iterations of the head's fit (all attributes at once).
+    max_iter: int = Field(default=200, ge=1)
 
 
 class WeightsConfig(_Section):

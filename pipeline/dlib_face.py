@@ -244,3 +244,4 @@ def face_geometry(points: np.ndarray, image_side: float, detected: bool) -> np.n
     out = np.concatenate([q.reshape(-1), dist,
                           [lift, roll, eye / max(float(image_side), 1.0), float(detected)]])
     return out.astype(np.float32)
+
