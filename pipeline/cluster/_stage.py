@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from pipeline import tables
+from pipeline import storage, tables
 from pipeline.cluster import _describe as describe
 from pipeline.cluster._fit import SweepSpec, choose_k, hdbscan_min_cluster_size, sweep_one
 from pipeline.cluster._schemas import (ASSIGNMENTS_SCHEMA, CENTROID_DISTANCES_SCHEMA,
@@ -365,12 +365,13 @@ def run(cfg: Config) -> dict:
     meta = {"k_rule": c.k_rule, "primary_space": primary_space,
             "primary_algorithm": c.primary_algorithm, "primary_k": str(pk),
             "profile_source": source}
+    rows_assign = pa.concat_tables(assign)
     rows = {
         "clusters/sweep": tables.replace(cfg, "clusters/sweep", pa.Table.from_pylist(
             sweep_rows, schema=sweep_schema(c.reference_attributes)),
             schema=sweep_schema(c.reference_attributes), metadata=meta),
-        "clusters/assignments": tables.replace(cfg, "clusters/assignments", pa.concat_tables(
-            assign), schema=ASSIGNMENTS_SCHEMA, metadata=meta),
+        "clusters/assignments": tables.replace(cfg, "clusters/assignments", rows_assign,
+                                               schema=ASSIGNMENTS_SCHEMA, metadata=meta),
         "clusters/profiles": tables.replace(cfg, "clusters/profiles", pa.Table.from_pylist(
             prof, schema=PROFILES_SCHEMA), schema=PROFILES_SCHEMA, metadata=meta),
         "clusters/centroid_distances": tables.replace(
@@ -383,6 +384,18 @@ def run(cfg: Config) -> dict:
         "clusters/primary": tables.replace(cfg, "clusters/primary", primary,
                                            schema=PRIMARY_SCHEMA, metadata=meta),
     }
+    # S3: identity purity of every kept clustering, where the manifest names people
+    from pipeline.cluster._identity import IDENTITY_COLUMNS, identity_table
+    from pipeline.cluster._schemas import IDENTITY_SCHEMA
+
+    man_cols = storage.read_schema(tables.location(cfg, "manifest")).names
+    ident, ident_col = identity_table(rows_assign, tables.read(
+        cfg, "manifest", columns=["image_id", *[c for c in IDENTITY_COLUMNS if c in man_cols]]),
+        seed=derive_seed(cfg.run.seed, STAGE, "identity"))
+    storage.delete(tables.location(cfg, "clusters/identity"))  # none of an earlier run survives
+    if ident is not None:
+        rows["clusters/identity"] = tables.replace(cfg, "clusters/identity", ident,
+                                                   schema=IDENTITY_SCHEMA, metadata=meta)
     tables.clear_errors(cfg, STAGE)
     if inp.errors:
         tables.write_errors(cfg, STAGE, inp.errors)
@@ -395,6 +408,7 @@ def run(cfg: Config) -> dict:
         "primary_algorithm": c.primary_algorithm,
         "primary_k": int(pk),
         "profile_source": source,
+        "identity_column": ident_col,
         "reference_attributes_missing": refs_missing,
         "demographic_attributes_missing": demo_missing,
         "notes": notes,
