@@ -418,6 +418,9 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _head_needs_geometry(self) -> "Config":
+        if self.extract.face_geometry and self.extract.embedding != "dlib":
+            raise ValueError(f'extract.face_geometry = true needs extract.embedding = "dlib" (the '
+                             f"landmarks come from dlib's pool); got {self.extract.embedding!r}")
         if self.head.enabled and not (self.extract.embedding == "dlib"
                                       and self.extract.face_geometry):
             raise ValueError('head.enabled = true reads dlib\'s descriptor and face geometry: set '

@@ -809,10 +809,7 @@ def run(cfg: Config) -> dict:
     emb_size = (info.image_size if e.embedding == "attribute_backbone" or emb.separate_pool
                 else e.embedding_image_size)
     sizes = tuple(sorted({int(info.image_size), int(emb_size)}))
-    geometry = emb.separate_pool and e.face_geometry
-    if e.face_geometry and not emb.separate_pool:
-        raise ValueError(f'extract.face_geometry = true needs extract.embedding = "dlib" (its '
-                         f"landmarks come from dlib's pool); got {e.embedding!r}")
+    geometry = e.face_geometry  # the config allows it with the dlib embedding only
     schema = features_schema(list(info.attributes), emb.dim, face_detected=emb.separate_pool,
                              face_geometry=geometry)
     # dlib's own settings change its output; other embeddings keep their earlier fingerprint

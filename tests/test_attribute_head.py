@@ -169,3 +169,12 @@ def test_features_without_geometry_are_refused_with_the_setting(tmp_path):
     with pytest.raises(attribute_head.HeadInputError, match="extract.face_geometry = true"):
         attribute_head.head_inputs(feats, ["cnn", "geometry"])
     assert storage.exists(tables.location(cfg, train.MODEL_DIR).join("model.json"))
+
+
+def test_config_refuses_the_head_or_the_geometry_without_dlib(tmp_path):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match='extract.embedding = "dlib"'):
+        tiny_config(tmp_path, "extract.face_geometry=true")
+    with pytest.raises(ConfigError, match="extract.face_geometry = true"):
+        tiny_config(tmp_path, 'extract.embedding="dlib"', "head.enabled=true")
