@@ -145,6 +145,12 @@ def write_clusters(cfg: Config, man: pa.Table, rng: np.random.Generator) -> np.n
                    schema=CS.CONDITIONAL_SCHEMA)
     prim = pa.table({"image_id": ids, "cluster": pa.array(primary, pa.int32())})
     tables.replace(cfg, "clusters/primary", prim, schema=CS.PRIMARY_SCHEMA)
+    # identity purity, by the cluster stage's own function, from the manifest's identities
+    from pipeline.cluster._identity import identity_table
+
+    ident, _ = identity_table(pa.Table.from_pylist(assign, CS.ASSIGNMENTS_SCHEMA),
+                              tables.read(cfg, "manifest", columns=["image_id", "identity"]))
+    tables.replace(cfg, "clusters/identity", ident, schema=CS.IDENTITY_SCHEMA)
     return primary
 
 

@@ -29,6 +29,9 @@ Outputs (schemas in :mod:`pipeline.cluster._schemas`), under ``<output.root>/clu
 * ``demographics``: composition of each cluster by ``cluster.demographic_attributes`` (plus
   race / gender / age bins where the manifest has them, as UTKFace's does), with a chi-square
   test of independence per attribute.
+* ``identity`` (only where the manifest names people: CelebA ``identity``, LFW ``person``):
+  purity, NMI and identity consistency against chance per kept clustering
+  (:mod:`pipeline.cluster._identity`).
 * ``primary``: ``image_id, cluster`` — the one clustering downstream stages use: space
   ``cluster.primary_space`` (``annotations`` when that space is missing, else the first built
   one; the result's ``primary_space_used`` and the file metadata say which), algorithm
@@ -39,10 +42,10 @@ attributes, 0.72 on a predicted attribute vector): see ``docs/clustering.md``.
 """
 
 from pipeline.cluster._schemas import (ASSIGNMENTS_SCHEMA, CENTROID_DISTANCES_SCHEMA,
-                                       CONDITIONAL_SCHEMA, DEMOGRAPHICS_SCHEMA, PRIMARY_SCHEMA,
-                                       PROFILES_SCHEMA, sweep_schema)
+                                       CONDITIONAL_SCHEMA, DEMOGRAPHICS_SCHEMA, IDENTITY_SCHEMA,
+                                       PRIMARY_SCHEMA, PROFILES_SCHEMA, sweep_schema)
 from pipeline.cluster._stage import run, run_sweep
 
 __all__ = ["run", "run_sweep", "ASSIGNMENTS_SCHEMA", "CENTROID_DISTANCES_SCHEMA",
-           "CONDITIONAL_SCHEMA", "DEMOGRAPHICS_SCHEMA", "PRIMARY_SCHEMA", "PROFILES_SCHEMA",
+           "CONDITIONAL_SCHEMA", "DEMOGRAPHICS_SCHEMA", "IDENTITY_SCHEMA", "PRIMARY_SCHEMA", "PROFILES_SCHEMA",
            "sweep_schema"]
