@@ -12,7 +12,7 @@ Why a stage after extract and not part of training: the descriptor and the landm
 extract's dlib pool (the slow model, run once per image), and train runs before extract. So:
 
 * **fit** (this run trained its attribute model): the features of the manifest's train split fit
-  the head, val tunes each threshold, test is scored beside the CNN alone
+  the head, train + val tune each threshold, test is scored beside the CNN alone
   (``models/attributes/head_metrics/``); the head is saved with the attribute model
   (``models/attributes/head.npz`` + ``head.json``, the json last = complete), so
   ``train.model_from`` carries it to other runs;
@@ -56,7 +56,7 @@ _COLUMNS = {"cnn": "attribute_logits", "embedding": "embedding", "geometry": "fa
 METRICS_SCHEMA = pa.schema([
     pa.field("attribute", pa.string(), nullable=False),
     pa.field("n", pa.int64(), nullable=False),  # test images scored
-    pa.field("accuracy", pa.float64()),  # the head, at its val-tuned threshold
+    pa.field("accuracy", pa.float64()),  # the head, at its tuned threshold (train + val)
     pa.field("cnn_accuracy", pa.float64()),  # the CNN alone, at its own model.json threshold
     pa.field("majority_baseline", pa.float64()),  # always the test split's majority class
     pa.field("roc_auc", pa.float64()),  # the head's; null when test holds one class only
@@ -93,7 +93,7 @@ class AttributeHead:
     def fit(self, X: np.ndarray, cnn: np.ndarray | None, Y: np.ndarray, X_val: np.ndarray,
             cnn_val: np.ndarray | None, Y_val: np.ndarray) -> "AttributeHead":
         """Fit on face features ``X`` (n, d), CNN logits ``cnn`` (n, A) or None and labels ``Y``
-        (n, A) bool; then tune each attribute's threshold on the val rows."""
+        (n, A) bool; then tune each attribute's threshold on the train and val rows together."""
         import torch
 
         from pipeline.train import _tune_thresholds
@@ -127,8 +127,12 @@ class AttributeHead:
         self.coef_ = w.detach().numpy().T.copy()  # (A, d)
         self.intercept_ = b.detach().numpy().copy()
         self.cnn_coef_ = alpha.detach().numpy().copy()
-        self.thresholds_ = _tune_thresholds(np.asarray(Y_val, bool),
-                                            self.predict_proba(X_val, cnn_val))
+        # thresholds on train + val: val alone (999 faces on real CelebA) moved the rare
+        # attributes' thresholds by chance; train + val scored higher in every probe (train.md)
+        both = np.vstack([X, np.asarray(X_val, np.float64)])
+        both_cnn = None if cnn is None else np.vstack([cnn, cnn_val])
+        self.thresholds_ = _tune_thresholds(np.vstack([Y, np.asarray(Y_val, bool)]),
+                                            self.predict_proba(both, both_cnn))
         return self
 
     def predict_proba(self, X: np.ndarray, cnn: np.ndarray | None) -> np.ndarray:
@@ -213,8 +217,8 @@ def _fit(cfg: Config, feats: pa.Table, attributes: list[str], info) -> tuple[Att
     rows = {s: split == s for s in ("train", "val", "test")}
     empty = [s for s, m in rows.items() if not m.any()]
     if empty:
-        raise HeadInputError(f"the attribute head is fitted on train, tuned on val and scored on "
-                             f"test; the features hold no row of {empty}")
+        raise HeadInputError(f"the attribute head is fitted on train, tuned on train + val and "
+                             f"scored on test; the features hold no row of {empty}")
     tr, va = rows["train"], rows["val"]
     head = AttributeHead(l2=h.l2, max_iter=h.max_iter).fit(
         X[tr], None if cnn is None else cnn[tr], Y[tr],
