@@ -19,7 +19,8 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 CELEBA_ATTRIBUTES: tuple[str, ...] = (
     "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs",
@@ -218,6 +219,23 @@ class ExtractConfig(_Section):
     dlib_upsample: int = Field(default=0, ge=0, le=3)
     # dlib embedding only: larger originals are downscaled so their longer side is this many px (0 = never).
     dlib_max_side: int = Field(default=1024, ge=0)
+    # dlib embedding only: also run dlib's 68-point landmark model in the same box and write the
+    # face_geometry and attribute_logits columns (what the attribute_head stage reads; ~3 ms/image).
+    face_geometry: bool = False
+
+
+class HeadConfig(_Section):
+    # Fit (or, with train.model_from, apply) the logistic head on CNN logits + dlib descriptor +
+    # face geometry after extract, and rewrite features' probabilities with it (attribute_head stage).
+    enabled: bool = False
+    # Feature blocks the head reads: cnn (the attribute model's logits), embedding, geometry.
+    inputs: list[Literal["cnn", "embedding", "geometry"]] = Field(
+        default_factory=lambda: ["cnn", "embedding", "geometry"])
+    # L2 penalty on the face-feature weights (the CNN logit's own weight is free); 1 was best of
+    # 1 / 3 / 10 / 100 on real CelebA (docs/train.md).
+    l2: float = Field(default=1.0, gt=0)
+    # L-BFGS iterations of the head's fit (all attributes at once).
+    max_iter: int = Field(default=200, ge=1)
 
 
 class WeightsConfig(_Section):
@@ -394,12 +412,24 @@ class Config(_Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    head: HeadConfig = Field(default_factory=HeadConfig)
     weights: WeightsConfig = Field(default_factory=WeightsConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+
+    @model_validator(mode="after")
+    def _head_needs_geometry(self) -> "Config":
+        if self.extract.face_geometry and self.extract.embedding != "dlib":
+            raise ValueError(f'extract.face_geometry = true needs extract.embedding = "dlib" (the '
+                             f"landmarks come from dlib's pool); got {self.extract.embedding!r}")
+        if self.head.enabled and not (self.extract.embedding == "dlib"
+                                      and self.extract.face_geometry):
+            raise ValueError('head.enabled = true reads dlib\'s descriptor and face geometry: set '
+                             'extract.embedding = "dlib" and extract.face_geometry = true')
+        return self
 
     @field_validator("cluster")
     @classmethod

@@ -114,7 +114,7 @@ class FaceEmbedder:
         Random jitters averaged per descriptor (dlib's ``num_jitters``); 0 = one pass.
     """
 
-    def __init__(self, upsample: int = 0, jitters: int = 0):
+    def __init__(self, upsample: int = 0, jitters: int = 0, geometry: bool = False):
         dlib = _dlib()
         folder = model_dir()
         self._dlib = dlib
@@ -123,6 +123,8 @@ class FaceEmbedder:
         self.detector = dlib.get_frontal_face_detector()
         self.landmarks = dlib.shape_predictor(os.path.join(folder, LANDMARKS_FILE))
         self.descriptor = dlib.face_recognition_model_v1(os.path.join(folder, DESCRIPTOR_FILE))
+        # the 68-point model only for face_geometry (extract.face_geometry)
+        self.landmarks68 = (dlib.shape_predictor(landmarks68_path()) if geometry else None)
 
     def box(self, image: np.ndarray) -> tuple[object, bool]:
         """The largest detected face box, or the fallback box; and whether it was detected."""
@@ -153,3 +155,93 @@ class FaceEmbedder:
             chips.append(c)
             detected.append(d)
         return self.describe(chips), np.asarray(detected, dtype=bool)
+
+    def embed_geometry(self, images: list[np.ndarray]
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`embed` plus each face's :func:`face_geometry` ``(n, GEOMETRY_DIM)`` float32,
+        from the 68-point model in the same box (built with ``geometry=True``)."""
+        if self.landmarks68 is None:
+            raise ValueError("FaceEmbedder(geometry=True) is needed for embed_geometry")
+        chips, detected, geom = [], [], []
+        for im in images:
+            im = np.ascontiguousarray(im, dtype=np.uint8)
+            rect, found = self.box(im)
+            shape = self.landmarks(im, rect)
+            chips.append(self._dlib.get_face_chip(im, shape, size=CHIP_SIZE))
+            detected.append(found)
+            pts = self.landmarks68(im, rect)
+            geom.append(face_geometry(np.array([(q.x, q.y) for q in pts.parts()]),
+                                      min(im.shape[:2]), found))
+        out = np.stack(geom) if geom else np.zeros((0, GEOMETRY_DIM), np.float32)
+        return self.describe(chips), np.asarray(detected, dtype=bool), out
+
+
+# --------------------------------------------------------------------------- face geometry
+# dlib's 68-point model (iBUG 300-W numbering): jaw 0-16, brows 17-26, nose 27-35, eyes 36-47,
+# outer lips 48-59, inner lips 60-67. It ships in the same face-recognition-models package.
+LANDMARKS68_FILE = "shape_predictor_68_face_landmarks.dat"
+_EYE_R, _EYE_L = slice(36, 42), slice(42, 48)  # the subject's right / left eye
+# scale-free measures, each a distance between two points (or point groups) over the eye distance
+_DISTANCES = (
+    ("mouth_width", (48,), (54,)), ("mouth_outer_open", (51,), (57,)),
+    ("mouth_inner_open", (61, 62, 63), (67, 66, 65)), ("upper_lip", (51,), (62,)),
+    ("lower_lip", (66,), (57,)), ("eye_r_open", (37, 38), (41, 40)),
+    ("eye_l_open", (43, 44), (47, 46)), ("eye_r_width", (36,), (39,)),
+    ("eye_l_width", (42,), (45,)), ("brow_r_eye", (18, 19, 20), (37, 38)),
+    ("brow_l_eye", (23, 24, 25), (43, 44)), ("brow_gap", (21,), (22,)),
+    ("nose_width", (31,), (35,)), ("nose_length", (27,), (33,)),
+    ("nose_mouth", (33,), (51,)), ("chin_mouth", (57,), (8,)), ("jaw_width", (2,), (14,)),
+    ("jaw_width_low", (5,), (11,)), ("face_height", (27,), (8,)),
+    ("cheek_width", (1,), (15,)),
+)
+GEOMETRY_NAMES: tuple[str, ...] = (
+    tuple(f"{ax}{i}" for i in range(68) for ax in ("x", "y"))
+    + tuple(name for name, _, _ in _DISTANCES)
+    + ("mouth_corner_lift", "roll", "eye_distance", "face_detected"))
+GEOMETRY_DIM = len(GEOMETRY_NAMES)
+
+
+def landmarks68_path() -> str:
+    """dlib's 68-point landmark model, from the same face-recognition-models package."""
+    path = os.path.join(model_dir(), LANDMARKS68_FILE)
+    if not os.path.exists(path):
+        raise DlibMissing(f"{path} is missing from the installed face-recognition-models package "
+                          f"(extract.face_geometry needs it); reinstall it")
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def landmarks68_sha256() -> str:
+    h = hashlib.sha256()
+    with open(landmarks68_path(), "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def face_geometry(points: np.ndarray, image_side: float, detected: bool) -> np.ndarray:
+    """Pose- and scale-normalised geometry of one face's 68 landmarks, ``(GEOMETRY_DIM,)`` float32.
+
+    The points are moved so the eyes' midpoint is the origin, rotated so the eye line is
+    horizontal and divided by the distance between the eye centres: what is left describes the
+    face's shape and expression (mouth width and opening, eye opening, brow height), not where
+    the face sits in the image. Then the named distances of ``_DISTANCES`` (over the eye distance),
+    the mouth corners' height above the lips' centre (a smile lifts them), the roll angle
+    (radians), the eye distance over the image's shorter side and whether the detector found
+    the face (landmarks in the fallback box are less reliable).
+    """
+    p = np.asarray(points, np.float64).reshape(68, 2)
+    right, left = p[_EYE_R].mean(axis=0), p[_EYE_L].mean(axis=0)
+    dx, dy = left - right
+    eye = max(float(np.hypot(dx, dy)), 1e-6)
+    roll = float(np.arctan2(dy, dx))
+    c, s = np.cos(-roll), np.sin(-roll)
+    q = ((p - (right + left) / 2) @ np.array([[c, s], [-s, c]])) / eye
+    dist = [np.linalg.norm(q[list(a)].mean(axis=0) - q[list(b)].mean(axis=0))
+            for _, a, b in _DISTANCES]
+    lips_centre_y = q[[51, 57, 62, 66], 1].mean()
+    lift = lips_centre_y - q[[48, 54], 1].mean()  # image y grows downwards: lifted corners > 0
+    out = np.concatenate([q.reshape(-1), dist,
+                          [lift, roll, eye / max(float(image_side), 1.0), float(detected)]])
+    return out.astype(np.float32)
+

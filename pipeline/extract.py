@@ -75,11 +75,15 @@ STATE = "_state/extract.json"
 
 # --------------------------------------------------------------------------- schema
 
-def features_schema(attributes: list[str], dim: int, face_detected: bool = False) -> pa.Schema:
+def features_schema(attributes: list[str], dim: int, face_detected: bool = False,
+                    face_geometry: bool = False) -> pa.Schema:
     """``features/``: one row per usable image (design.md, Tables).
 
     ``face_detected`` adds the boolean column of embeddings that detect the face first (dlib):
-    false where the detector found none and the fallback box was used.
+    false where the detector found none and the fallback box was used. ``face_geometry``
+    (``extract.face_geometry``) adds ``attribute_logits`` (the attribute model's own logits, kept
+    because the attribute_head stage rewrites the ``p_`` columns) and ``face_geometry``
+    (:func:`pipeline.dlib_face.face_geometry` of the 68 landmarks).
     """
     fields = [pa.field("image_id", pa.string(), nullable=False)]
     # probabilities (sigmoid of the attribute model's logits), one column per attribute
@@ -92,10 +96,22 @@ def features_schema(attributes: list[str], dim: int, face_detected: bool = False
     fields.append(pa.field("content_hash", pa.string(), nullable=False))
     if face_detected:
         fields.append(pa.field("face_detected", pa.bool_(), nullable=False))
+    if face_geometry:
+        fields += _geometry_fields(len(attributes), nullable=False)
     return pa.schema(fields)
 
 
 SCHEMAS = {FEATURES: features_schema}  # every table the stage writes (besides errors/)
+
+
+def _geometry_fields(n_attributes: int, nullable: bool) -> list[pa.Field]:
+    from pipeline import dlib_face
+
+    return [pa.field("attribute_logits", pa.list_(pa.field("item", pa.float32()), n_attributes),
+                     nullable=nullable),
+            pa.field("face_geometry",
+                     pa.list_(pa.field("item", pa.float32()), dlib_face.GEOMETRY_DIM),
+                     nullable=nullable)]
 
 
 _ROUTING = ("image_id", "uri", "shard", "error")
@@ -121,12 +137,16 @@ def _infer_schema(attributes: list[str], dim: int | None) -> pa.Schema:
     return pa.schema(fields)
 
 
-def _dlib_schema(attributes: list[str]) -> pa.Schema:
-    """The dlib actor's output: the attribute actor's columns, the embedding and face_detected."""
+def _dlib_schema(attributes: list[str], geometry: bool = False) -> pa.Schema:
+    """The dlib actor's output: the attribute actor's columns, the embedding and face_detected
+    (and with ``geometry`` the attribute logits and the face geometry)."""
     from pipeline import dlib_face
 
     fields = [f for f in _infer_schema(attributes, dlib_face.DIM)]
-    return pa.schema(fields + [pa.field("face_detected", pa.bool_())])
+    fields.append(pa.field("face_detected", pa.bool_()))
+    if geometry:
+        fields += _geometry_fields(len(attributes), nullable=True)
+    return pa.schema(fields)
 
 
 # --------------------------------------------------------------------------- decode
@@ -492,11 +512,12 @@ def _embedding_array(emb: np.ndarray, good: np.ndarray, mask: np.ndarray, dim: i
 class _DlibInfer:
     """One dlib actor (CPU): detect, align and describe the original image of each usable row."""
 
-    def __init__(self, attributes: list[str], upsample: int):
+    def __init__(self, attributes: list[str], upsample: int, geometry: bool = False):
         from pipeline.dlib_face import FaceEmbedder
 
-        self.model = FaceEmbedder(upsample=upsample)
-        self.schema = _dlib_schema(attributes)
+        self.model = FaceEmbedder(upsample=upsample, geometry=geometry)
+        self.geometry = geometry
+        self.schema = _dlib_schema(attributes, geometry)
         self.attributes = list(attributes)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -511,13 +532,24 @@ class _DlibInfer:
         hs = batch.column("orig_h").take(idx).to_pylist()
         ws = batch.column("orig_w").take(idx).to_pylist()
         images = [np.frombuffer(b, np.uint8).reshape(h, w, 3) for b, h, w in zip(data, hs, ws)]
-        emb, detected = self.model.embed(images)
+        if self.geometry:
+            emb, detected, geom = self.model.embed_geometry(images)
+        else:
+            emb, detected = self.model.embed(images)
         found = np.zeros(n, bool)
         found[good] = detected
         keep = [batch.column(c) for c in _ROUTING]
         keep += [batch.column(f"p_{a}") for a in self.attributes]
         arrays = keep + [_embedding_array(emb, good, mask, dlib_face.DIM),
                          batch.column("content_hash"), pa.array(found, pa.bool_(), mask=mask)]
+        if self.geometry:
+            probs = np.stack([batch.column(f"p_{a}").take(idx).to_numpy(zero_copy_only=False)
+                              for a in self.attributes], axis=1).astype(np.float64)
+            # the model's logits back from its float32 sigmoid (clipped where it saturated)
+            probs = np.clip(probs, 1e-6, 1 - 1e-6)
+            logits = np.log(probs / (1 - probs)).astype(np.float32)
+            arrays += [_embedding_array(logits, good, mask, len(self.attributes)),
+                       _embedding_array(geom, good, mask, dlib_face.GEOMETRY_DIM)]
         return pa.Table.from_arrays([a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a
                                      for a in arrays], schema=self.schema)
 
@@ -781,9 +813,15 @@ def run(cfg: Config) -> dict:
     emb_size = (info.image_size if e.embedding == "attribute_backbone" or emb.separate_pool
                 else e.embedding_image_size)
     sizes = tuple(sorted({int(info.image_size), int(emb_size)}))
-    schema = features_schema(list(info.attributes), emb.dim, face_detected=emb.separate_pool)
+    geometry = e.face_geometry  # the config allows it with the dlib embedding only
+    schema = features_schema(list(info.attributes), emb.dim, face_detected=emb.separate_pool,
+                             face_geometry=geometry)
     # dlib's own settings change its output; other embeddings keep their earlier fingerprint
     dlib_settings = (e.dlib_upsample, e.dlib_max_side) if emb.separate_pool else ()
+    if geometry:  # only then, so runs without it keep their earlier fingerprint
+        from pipeline import dlib_face
+
+        dlib_settings += ("face_geometry", dlib_face.landmarks68_sha256())
 
     fingerprint = _digest(FEATURES_FORMAT, _manifest_digest(manifest), model_sha, emb.name,
                           emb.version, sizes, e.rows_per_file, e.min_image_side,
@@ -815,6 +853,10 @@ def run(cfg: Config) -> dict:
             f"original (longer side <= {e.dlib_max_side} px), {dlib_face.CHIP_SIZE} px chips"
             if e.dlib_max_side else f"original, {dlib_face.CHIP_SIZE} px chips")
         metadata["faceaudit.dlib_upsample"] = str(e.dlib_upsample)
+    if geometry:
+        metadata["faceaudit.face_geometry"] = (
+            f"dlib 68-point landmarks, {dlib_face.GEOMETRY_DIM} values "
+            f"(sha256 {dlib_face.landmarks68_sha256()[:16]})")
 
     # --- resume or start clean
     state_loc = tables.root(cfg).join(*STATE.split("/"))
@@ -879,7 +921,7 @@ def run(cfg: Config) -> dict:
                                                    max_size=e.dlib_max_actors),
                 num_cpus=e.cpus_per_dlib_actor,
                 fn_constructor_kwargs={"attributes": list(info.attributes),
-                                       "upsample": e.dlib_upsample})
+                                       "upsample": e.dlib_upsample, "geometry": geometry})
         pending: dict[int, list[pa.Table]] = {}
         got: dict[int, int] = {}
         writer = _ShardWriter(cfg, schema, metadata, e.commit_queue_shards)

@@ -47,6 +47,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("ingest", "pipeline.ingest", ("data",), needs_ray=False),
     Stage("train_attributes", "pipeline.train", ("train",)),
     Stage("extract", "pipeline.extract", ("extract",)),
+    # after extract: it reads the dlib descriptor and landmarks only extract computes
+    Stage("attribute_head", "pipeline.attribute_head", ("head",), needs_ray=False),
     Stage("cluster", "pipeline.cluster", ("cluster", "classify.target")),
     Stage("audit", "pipeline.audit", ("audit", "classify.target", "classify.sensitive")),
     Stage("classify", "pipeline.classify", ("classify",)),

@@ -330,10 +330,17 @@ def adopt_model(cfg: Config) -> dict[str, Any]:
     info = AttributeModelInfo.from_json(storage.read_bytes(meta).decode())
     copied = []
     if folder.uri.rstrip("/") != dest.uri.rstrip("/"):
-        for name in ("model.json", "model.pt", "metrics", "history"):
+        for name in ("model.json", "model.pt", "metrics", "history", "head.json", "head.npz",
+                     "head_metrics"):
             storage.delete(dest.join(name))  # nothing of an earlier model in this run survives
         storage.write_bytes(dest.join("model.pt"), storage.read_bytes(pt))
-        for table in ("metrics", "history"):
+        # the attribute_head stage's head (pipeline.attribute_head), when the source fitted one:
+        # its arrays first, its head.json (the completeness marker) after them
+        if storage.exists(folder.join("head.json")):
+            storage.write_bytes(dest.join("head.npz"), storage.read_bytes(folder.join("head.npz")))
+            storage.write_bytes(dest.join("head.json"), storage.read_bytes(folder.join("head.json")))
+            copied.append("head")
+        for table in ("metrics", "history", "head_metrics"):
             files = storage.parquet_files(folder.join(table))
             for path in files:
                 base = path.rsplit("/", 1)[-1]

@@ -153,6 +153,10 @@ def write_clusters(cfg: Config, man: pa.Table, rng: np.random.Generator) -> np.n
                    schema=cluster.CONDITIONAL_SCHEMA, metadata=meta)
     prim = pa.table({"image_id": ids, "cluster": pa.array(primary, pa.int32())})
     tables.replace(cfg, cluster.PRIMARY, prim, schema=cluster.PRIMARY_SCHEMA, metadata=meta)
+    # identity purity, by the cluster stage's own function, from the manifest's identities
+    ident, _ = cluster.identity_table(pa.Table.from_pylist(assign, cluster.ASSIGNMENTS_SCHEMA),
+                                      tables.read(cfg, "manifest", columns=["image_id", "identity"]))
+    tables.replace(cfg, cluster.IDENTITY, ident, schema=cluster.IDENTITY_SCHEMA, metadata=meta)
     return primary
 
 

@@ -305,3 +305,18 @@ def test_map_of_identical_rows_does_not_crash_the_worker():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_identity_purity_of_a_clustering_that_keeps_people_together():
+    """Three people with four images each: clusters that follow the people are consistent
+    (1.0), a clustering that splits each person is not, and the chance level sits between."""
+    from pipeline.cluster._identity import identity_metrics
+
+    people = np.repeat(["ann", "bob", "cid"], 4)
+    together = identity_metrics(np.repeat([0, 1, 1], 4), people)
+    assert together["identity_consistency"] == 1.0
+    assert together["purity"] == pytest.approx(8 / 12)  # bob and cid share a cluster
+    split = identity_metrics(np.tile([0, 1], 6), people)
+    assert split["identity_consistency"] == 0.5 and split["nmi"] == pytest.approx(0.0, abs=1e-9)
+    assert together["nmi"] > 0.5
+    assert together["n_identities"] == 3 and together["identities_with_two_or_more"] == 3

@@ -70,6 +70,21 @@ def test_no_face_falls_back_to_the_central_box():
     assert detected.tolist() == [False] and np.isfinite(emb).all() and np.abs(emb).sum() > 0
 
 
+def test_embed_geometry_gives_the_same_descriptors_plus_the_landmark_geometry():
+    """extract.face_geometry's path: same box, same chip, same descriptor as embed; one
+    geometry row per image, recording that the blank image's face was not detected."""
+    blank = np.full((218, 178, 3), 128, np.uint8)
+    model = dlib_face.FaceEmbedder(geometry=True)
+    emb, detected, geom = model.embed_geometry([blank, blank])
+    bare, _ = model.embed([blank])
+    np.testing.assert_array_equal(emb[:1], bare)
+    assert geom.shape == (2, dlib_face.GEOMETRY_DIM) and geom.dtype == np.float32
+    assert np.isfinite(geom).all() and not detected.any()
+    assert geom[0, dlib_face.GEOMETRY_NAMES.index("face_detected")] == 0.0
+    with pytest.raises(ValueError, match="geometry=True"):
+        dlib_face.FaceEmbedder().embed_geometry([blank])
+
+
 def test_weights_are_identified_by_their_file_hashes():
     h = dlib_face.weights_sha256()
     assert set(h) == {dlib_face.LANDMARKS_FILE, dlib_face.DESCRIPTOR_FILE}

@@ -2,7 +2,8 @@
 ``../shared/real``, never copied) the identity-disjoint split holds, and after a short training
 the attribute model beats the majority baseline on Male (``train.arch = "small_cnn"``, 32 px: on
 this little data MobileNetV2 from random init still answers the majority class, docs/train.md);
-with the real face embedding (dlib) the two-cluster K-Means NMI with Male is far above chance.
+with the real face embedding (dlib) the two-cluster K-Means NMI with Male is far above chance,
+and the landmark geometry (``extract.face_geometry``) sees open mouths.
 
 The real data sits beside the project (``../shared/real``, see its README) or where
 ``$FACEAUDIT_REAL_DATA`` points; without it these tests are skipped with that message.
@@ -73,6 +74,7 @@ def test_the_real_face_embedding_clusters_by_sex(tmp_path, ray_session):
                            AttributeModelInfo(arch="small_cnn", attributes=["Male"],
                                               image_size=32), src)
     cfg = _cfg(tmp_path, "data.limit=240", f"train.model_from={src.uri}", "extract.embedding=dlib",
+               "extract.face_geometry=true",
                "extract.cpus_per_actor=0.25", "extract.cpus_per_decode_task=0.25",
                "extract.dlib_max_actors=2", "extract.cpus_per_dlib_actor=0.75",
                'cluster.spaces=["embedding"]', 'cluster.algorithms=["kmeans"]', "cluster.k_min=2",
@@ -83,3 +85,17 @@ def test_the_real_face_embedding_clusters_by_sex(tmp_path, ray_session):
     row = next(r for r in sweep if r["space"] == "embedding" and r["k"] == 2)
     # chance is ~0.003 at 240 images; issue #13 measured 0.86 on 6,000 real faces
     assert row["nmi_Male"] > 0.4, row
+    # the 68 landmarks read real expressions: open mouths are open in the geometry
+    from pipeline import dlib_face
+
+    feats = tables.read(cfg, "features", columns=["image_id", "face_geometry"]).to_pandas()
+    man = tables.read(cfg, "manifest", columns=["image_id", "Mouth_Slightly_Open"]).to_pandas()
+    both = feats.merge(man, on="image_id")
+    opening = both["face_geometry"].map(
+        lambda g: g[dlib_face.GEOMETRY_NAMES.index("mouth_inner_open")])
+    is_open = both["Mouth_Slightly_Open"].astype(bool)
+    assert opening[is_open].median() > 2 * opening[~is_open].median(), opening.describe()
+    # CelebA names people: the identity table is written for the clustering
+    ident = tables.read(cfg, "clusters/identity").to_pylist()
+    assert [r["identity_column"] for r in ident] == ["identity"]
+    assert ident[0]["n_rows"] == 240 and ident[0]["n_identities"] > 100

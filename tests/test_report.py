@@ -94,7 +94,7 @@ def test_full_run_shows_every_section_and_no_problem(full_run):
         assert f"figures/{fig}.png" in html, fig
     assert "Suspected label errors per attribute" in html
     for needle in ("P(A | B)", "Chi-square", "beeswarm", "rank agreement", "majority-class baseline",
-                   "What undersampling changed", "config.toml"):
+                   "What undersampling changed", "config.toml", "Clusters against identity"):
         assert needle in html, needle
 
 

@@ -31,6 +31,9 @@ under ``<output.root>/clusters/``:
 * ``demographics``: composition of each cluster by ``cluster.demographic_attributes`` (plus
   race / gender / age bins where the manifest has them, as UTKFace's does), with a chi-square
   test of independence per attribute.
+* ``identity`` (only where the manifest names people: CelebA ``identity``, LFW ``person``):
+  purity, NMI and identity consistency against chance per kept clustering
+  (:mod:`pipeline.cluster._identity`).
 * ``primary``: ``image_id, cluster`` — the one clustering downstream stages use: space
   ``cluster.primary_space`` (``annotations`` when that space is missing, else the first built
   one; the result's ``primary_space_used`` and the file metadata say which), algorithm
@@ -44,18 +47,21 @@ from pipeline.cluster._schemas import (ASSIGNMENTS, ASSIGNMENTS_SCHEMA, CENTROID
                                        CENTROID_DISTANCES_SCHEMA, CONDITIONAL, CONDITIONAL_SCHEMA,
                                        DEMOGRAPHICS, DEMOGRAPHICS_SCHEMA, EXTERNAL_METRICS,
                                        INTERNAL_METRICS, PRIMARY, PRIMARY_SCHEMA, PROFILES,
-                                       PROFILES_SCHEMA, SWEEP, Settings, read_settings,
+                                       PROFILES_SCHEMA, SWEEP, IDENTITY, IDENTITY_SCHEMA, Settings,
+                                       read_settings,
                                        sweep_schema)
+from pipeline.cluster._identity import identity_table
 from pipeline.cluster._stage import run, run_sweep
 
 # Every table the stage writes, by name, with its schema (the sweep's depends on the run's
 # reference attributes, hence a function); tests hold each written table to it.
 SCHEMAS = {SWEEP: sweep_schema, ASSIGNMENTS: ASSIGNMENTS_SCHEMA, PROFILES: PROFILES_SCHEMA,
            CENTROID_DISTANCES: CENTROID_DISTANCES_SCHEMA, CONDITIONAL: CONDITIONAL_SCHEMA,
-           DEMOGRAPHICS: DEMOGRAPHICS_SCHEMA, PRIMARY: PRIMARY_SCHEMA}
+           DEMOGRAPHICS: DEMOGRAPHICS_SCHEMA, PRIMARY: PRIMARY_SCHEMA,
+           IDENTITY: IDENTITY_SCHEMA}
 
 __all__ = ["run", "run_sweep", "Settings", "read_settings", "SCHEMAS",
            "SWEEP", "ASSIGNMENTS", "PROFILES", "CENTROID_DISTANCES", "CONDITIONAL",
-           "DEMOGRAPHICS", "PRIMARY", "INTERNAL_METRICS", "EXTERNAL_METRICS",
+           "DEMOGRAPHICS", "PRIMARY", "IDENTITY", "IDENTITY_SCHEMA", "identity_table", "INTERNAL_METRICS", "EXTERNAL_METRICS",
            "ASSIGNMENTS_SCHEMA", "CENTROID_DISTANCES_SCHEMA", "CONDITIONAL_SCHEMA",
            "DEMOGRAPHICS_SCHEMA", "PRIMARY_SCHEMA", "PROFILES_SCHEMA", "sweep_schema"]

@@ -24,6 +24,7 @@ CENTROID_DISTANCES = "clusters/centroid_distances"
 CONDITIONAL = "clusters/conditional"
 DEMOGRAPHICS = "clusters/demographics"
 PRIMARY = "clusters/primary"  # the one clustering downstream stages use
+IDENTITY = "clusters/identity"  # identity purity, where the manifest names people
 
 
 @dataclass(frozen=True)
@@ -141,4 +142,18 @@ DEMOGRAPHICS_SCHEMA = pa.schema(_KEY + [
 PRIMARY_SCHEMA = pa.schema([
     pa.field("image_id", pa.string(), nullable=False),
     pa.field("cluster", pa.int32(), nullable=False),  # the cluster downstream stages use
+])
+
+# clusters/identity: one row per space x algorithm x chosen k, where the manifest names people
+# (pipeline.cluster._identity; absent for collections without identities).
+IDENTITY_SCHEMA = pa.schema(_KEY + [
+    pa.field("identity_column", pa.string(), nullable=False),  # manifest column: identity/person
+    pa.field("n_rows", pa.int64(), nullable=False),  # clustered rows whose identity is known
+    pa.field("n_identities", pa.int64(), nullable=False),
+    pa.field("identities_with_two_or_more", pa.int64(), nullable=False),
+    pa.field("clusters", pa.int64(), nullable=False),  # distinct labels (HDBSCAN noise counts as one)
+    pa.field("purity", pa.float64(), nullable=False),  # rows in their cluster's top identity / rows
+    pa.field("nmi", pa.float64(), nullable=False),  # normalised mutual information with identity
+    pa.field("identity_consistency", pa.float64()),  # people's images in their top cluster / images
+    pa.field("chance_consistency", pa.float64()),  # the same under a random permutation of labels
 ])

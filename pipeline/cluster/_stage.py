@@ -418,6 +418,21 @@ def run(cfg: Config) -> dict:
         "clusters/primary": tables.replace(cfg, "clusters/primary", primary,
                                            schema=PRIMARY_SCHEMA, metadata=meta),
     }
+    # S3: identity purity of every kept clustering, where the manifest names people
+    from pipeline.cluster._identity import IDENTITY_COLUMNS, identity_table
+    from pipeline.cluster._schemas import IDENTITY_SCHEMA
+
+    man_cols = storage.read_schema(tables.location(cfg, "manifest")).names
+    # read back with only the key columns: assignments were written one clustering at a time
+    rows_assign = tables.read(cfg, "clusters/assignments",
+                              columns=["image_id", "space", "algorithm", "k", "cluster"])
+    ident, ident_col = identity_table(rows_assign, tables.read(
+        cfg, "manifest", columns=["image_id", *[c for c in IDENTITY_COLUMNS if c in man_cols]]),
+        seed=derive_seed(cfg.run.seed, STAGE, "identity"))
+    storage.delete(tables.location(cfg, "clusters/identity"))  # none of an earlier run survives
+    if ident is not None:
+        rows["clusters/identity"] = tables.replace(cfg, "clusters/identity", ident,
+                                                   schema=IDENTITY_SCHEMA, metadata=meta)
     tables.clear_errors(cfg, STAGE)
     if inp.errors:
         tables.write_errors(cfg, STAGE, inp.errors)
@@ -430,6 +445,7 @@ def run(cfg: Config) -> dict:
         "primary_algorithm": c.primary_algorithm,
         "primary_k": int(pk),
         "profile_source": source,
+        "identity_column": ident_col,
         "reference_attributes_missing": refs_missing,
         "demographic_attributes_missing": demo_missing,
         "notes": notes,

@@ -19,7 +19,7 @@ TITLE = "Clusters"
 from pipeline.cluster import ASSIGNMENTS as ASSIGN
 from pipeline.cluster import CENTROID_DISTANCES as DIST
 from pipeline.cluster import CONDITIONAL as COND
-from pipeline.cluster import PROFILES, SWEEP, Settings, read_settings
+from pipeline.cluster import IDENTITY, PROFILES, SWEEP, Settings, read_settings
 
 
 def build(ctx: Context) -> list[str]:
@@ -57,6 +57,8 @@ def build(ctx: Context) -> list[str]:
         out.append(ctx.part(f"{space}: centroid distances",
                             lambda: _distances(ctx, space, algo), level=4))
     out.append(ctx.part("Conditional probabilities P(A | B)", lambda: _conditional(ctx)))
+    if ctx.has(IDENTITY):  # only collections that name people (CelebA identity, LFW person)
+        out.append(ctx.part("Identity purity", lambda: _identity(ctx)))
     if faces.failed:
         from pipeline import tables
 
@@ -344,3 +346,18 @@ def _conditional(ctx: Context) -> list[str]:
         out.append(ctx.figure(fig, f"clusters-conditional-{src}",
                               f"Conditional probability P(A | B) of the {src} attributes."))
     return out
+
+
+def _identity(ctx: Context) -> list[str]:
+    t = ctx.table(IDENTITY)
+    require(t, ("space", "algorithm", "k", "purity", "nmi", "identity_consistency",
+                "chance_consistency"), IDENTITY)
+    shown = t[["space", "algorithm", "k", "n_rows", "n_identities", "purity", "nmi",
+               "identity_consistency", "chance_consistency"]]
+    return [note(f"How well each clustering keeps a person's faces together "
+                 f"(people from the manifest's <code>{h(str(t['identity_column'].iloc[0]))}"
+                 f"</code> column). With thousands of people and a few clusters, purity is small "
+                 f"by construction; <b>identity consistency</b> is the share of the images of "
+                 f"people with two or more images that fall in that person's most common "
+                 f"cluster, next to what the same cluster sizes give by chance."),
+            table_html(shown, caption="Clusters against identity")]
