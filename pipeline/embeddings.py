@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from pipeline.config import StorageConfig
-from pipeline.models import (IMAGENET_MEAN, IMAGENET_STD, WeightsError, _apply,
-                             _imagenet_state_dict, load_state_dict)
+from pipeline.models import (IMAGENET_MEAN, IMAGENET_STD, WeightsError, apply_state_dict,
+                             imagenet_state_dict, load_state_dict)
 
 EMBEDDINGS: tuple[str, ...] = ("resnet50", "attribute_backbone", "facenet", "dlib")
 
@@ -86,11 +86,11 @@ def _resnet50(weights: str, storage_cfg: StorageConfig | None, seed: int,
     model = _seeded(lambda: resnet50(weights=None), seed)
     model.fc = nn.Identity()  # keep the 2048-d pooled features, drop the ImageNet classifier
     if weights != "none":
-        state = (_imagenet_state_dict(ResNet50_Weights.IMAGENET1K_V2, download)
+        state = (imagenet_state_dict(ResNet50_Weights.IMAGENET1K_V2, download)
                  if weights == "imagenet"
                  else load_state_dict(weights, storage_cfg))
         # a full classification checkpoint carries fc.*: it has no place in an embedding model
-        _apply(model, state, weights, ignore=("fc.",))
+        apply_state_dict(model, state, weights, ignore=("fc.",))
     model.eval()
     return EmbeddingModel("resnet50", model, 2048, IMAGENET_MEAN, IMAGENET_STD, weights,
                           f"torchvision-{torchvision.__version__}/{_spec_tag(weights, storage_cfg, seed)}",
@@ -140,7 +140,7 @@ def _facenet(weights: str, storage_cfg: StorageConfig | None, seed: int,
         state = load_state_dict(weights, storage_cfg)
     if weights != "none":
         # the VGGFace2 checkpoint carries its identity classifier (logits.*); it is not used
-        _apply(model, state, weights, ignore=("logits.",))
+        apply_state_dict(model, state, weights, ignore=("logits.",))
     model.eval()
     return EmbeddingModel("facenet", model, 512, _FACENET_MEAN, _FACENET_STD, weights,
                           f"facenet-pytorch-{getattr(facenet_pytorch, '__version__', '?')}/"

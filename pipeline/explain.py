@@ -82,7 +82,8 @@ from pipeline.classify import DATASET_TABLE as CLASSIFY_DATASET
 from pipeline.classify import MODELS_TABLE as CLASSIFY_MODELS
 from pipeline.classify import model_key, read_models
 from pipeline.config import Config
-from pipeline.seeds import derive_seed
+from pipeline.seeds import sample_indices
+from pipeline.stages import StageSkipped
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +341,6 @@ class ModelSpec:
 
 
 def _read_specs(cfg: Config) -> list[ModelSpec]:
-    from pipeline.run import StageSkipped
 
     if not tables.exists(cfg, CLASSIFY_MODELS):
         from pipeline import runlog
@@ -401,11 +401,8 @@ def _scope_mask(cluster_col: np.ndarray, has_cluster: np.ndarray, spec: ModelSpe
 
 
 def _sample(idx: np.ndarray, n: int, seed: int, *names) -> np.ndarray:
-    if n and len(idx) > n:
-        pick = np.random.default_rng(derive_seed(seed, "explain", *names)).choice(
-            len(idx), n, replace=False)
-        return idx[np.sort(pick)]
-    return idx
+    """A seeded sample of ``n`` of the rows ``idx`` (all of them when ``n`` is 0)."""
+    return idx[sample_indices(len(idx), n, seed, "explain", *names)]
 
 
 # ---------------------------------------------------------------------------------------------

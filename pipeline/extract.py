@@ -3,11 +3,11 @@
 One Ray Data pipeline, streaming::
 
     manifest rows (image_id, uri, shard)            driver, blocks of extract.batch_size rows
-      -> read + decode + resize   CPU tasks          _decode_block: bytes through the storage
+      -> read + decode + resize   CPU tasks          decode_block: bytes through the storage
                                                      filesystem (local or s3://), PIL decode,
                                                      any mode -> RGB, centre crop, resize;
                                                      unusable files become rows with `error`
-      -> infer                    ONE actor pool     _Infer: loads both models once per actor,
+      -> infer                    ONE actor pool     AttributeInfer: loads both models once per actor,
                                                      runs both on the same batch (one decode)
       [-> dlib                    CPU actor pool     _DlibInfer, only for extract.embedding =
                                                      "dlib": HOG detection, 5-point alignment,
@@ -120,7 +120,7 @@ _ORIGINAL = (pa.field("orig", pa.binary()), pa.field("orig_h", pa.int32()),
              pa.field("orig_w", pa.int32()))
 
 
-def _infer_schema(attributes: list[str], dim: int | None) -> pa.Schema:
+def infer_schema(attributes: list[str], dim: int | None) -> pa.Schema:
     """The attribute actor's output: features plus the routing columns; nullable for error rows.
 
     ``dim`` None: the embedding runs in the dlib pool next, so the original image passes through
@@ -142,7 +142,7 @@ def _dlib_schema(attributes: list[str], geometry: bool = False) -> pa.Schema:
     (and with ``geometry`` the attribute logits and the face geometry)."""
     from pipeline import dlib_face
 
-    fields = [f for f in _infer_schema(attributes, dlib_face.DIM)]
+    fields = [f for f in infer_schema(attributes, dlib_face.DIM)]
     fields.append(pa.field("face_detected", pa.bool_()))
     if geometry:
         fields += _geometry_fields(len(attributes), nullable=True)
@@ -249,10 +249,10 @@ def _read_one(uri: str, storage_cfg: StorageConfig, max_bytes: int
         return None, str(exc)
 
 
-def _decode_block(block: pa.Table, *, storage_cfg: StorageConfig, sizes: tuple[int, ...],
-                  min_side: int, read_threads: int, max_pixels: int = DataConfig().max_image_pixels,
-                  max_bytes: int = DataConfig().max_image_bytes,
-                  original_max_side: int | None = None) -> pa.Table:
+def decode_block(block: pa.Table, *, storage_cfg: StorageConfig, sizes: tuple[int, ...],
+                 min_side: int, read_threads: int, max_pixels: int = DataConfig().max_image_pixels,
+                 max_bytes: int = DataConfig().max_image_bytes,
+                 original_max_side: int | None = None) -> pa.Table:
     """Read and decode one block of manifest rows (a CPU task); never raises for a bad image.
 
     ``original_max_side`` not None also keeps the original decoded image (``orig`` columns, for
@@ -321,7 +321,7 @@ def _autocast(torch, device):
     return torch.autocast("cuda", dtype=dtype)
 
 
-class _Infer:
+class AttributeInfer:
     """One inference actor: both models loaded once, run on the same decoded batch."""
 
     def __init__(self, cfg: Config, use_gpu: bool, threads: int):
@@ -353,7 +353,7 @@ class _Infer:
                           self.emb.module.to(self.device, memory_format=torch.channels_last).eval())
         self.attr_size = int(info.image_size)
         self.emb_size = self.attr_size if self.emb_model is None else cfg.extract.embedding_image_size
-        self.schema = _infer_schema(self.attributes, None if self.separate else self.emb.dim)
+        self.schema = infer_schema(self.attributes, None if self.separate else self.emb.dim)
 
         def norm(mean, std):
             # (x/255 - mean)/std as one multiply-add on 0..255 pixels, constants on the device
@@ -465,11 +465,11 @@ class _Infer:
                     probs, emb = self.forward(*self.inputs(batch, good))
             else:
                 probs, emb = self.forward(*self.inputs(batch, good))
-        return _infer_output(batch, good, probs, emb, self.schema)
+        return infer_output(batch, good, probs, emb, self.schema)
 
 
-def _infer_output(batch: pa.Table, good: np.ndarray, probs: np.ndarray,
-                  emb: np.ndarray | None, schema: pa.Schema) -> pa.Table:
+def infer_output(batch: pa.Table, good: np.ndarray, probs: np.ndarray,
+                 emb: np.ndarray | None, schema: pa.Schema) -> pa.Table:
     """The actor's results scattered back to the batch's rows (error rows keep nulls); ``emb``
     None passes the original image on to the dlib pool instead."""
     n = batch.num_rows
@@ -560,7 +560,7 @@ def pixel_rows(col: pa.ChunkedArray | pa.Array, size: int) -> np.ndarray:
     Decode writes every usable row as exactly S*S*3 bytes and error rows as zero-length nulls,
     so a chunk's usable rows lie back to back in its value buffer: the result is a read-only
     view of that buffer (no copy) when the column has one chunk, one copy when it has several.
-    Rows with another length (a producer that is not ``_decode_block``) are an error.
+    Rows with another length (a producer that is not ``decode_block``) are an error.
     """
     row = size * size * 3
     chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
@@ -627,7 +627,7 @@ def _manifest_digest(m: pa.Table) -> str:
     return h.hexdigest()
 
 
-def _gpus_per_actor(cfg: Config) -> float:
+def gpus_per_actor(cfg: Config) -> float:
     from pipeline.ray_runtime import resolve_use_gpu
 
     want = cfg.extract.gpus_per_actor
@@ -688,8 +688,8 @@ def _actor_pool(cfg: Config, lo: int, hi: int, gpus: float):
                                       enable_true_multi_threading=calls > 1)
 
 
-def _commit_shard(cfg: Config, shard: int, parts: list[pa.Table], schema: pa.Schema,
-                  metadata: dict[str, str]) -> tuple[int, int]:
+def commit_shard(cfg: Config, shard: int, parts: list[pa.Table], schema: pa.Schema,
+                 metadata: dict[str, str]) -> tuple[int, int]:
     """Write one shard: its errors file first, then its features file (the 'done' marker)."""
     t = pa.concat_tables(parts).sort_by("image_id")
     bad = pc.is_valid(t["error"])
@@ -711,7 +711,7 @@ def _commit_shard(cfg: Config, shard: int, parts: list[pa.Table], schema: pa.Sch
 class _ShardWriter:
     """Commits finished shards on one background thread, off the stream's critical path.
 
-    Same guarantees as committing inline: each shard is written by :func:`_commit_shard`
+    Same guarantees as committing inline: each shard is written by :func:`commit_shard`
     (errors file, then features file), shards one at a time in completion order; after the
     first failure nothing else is written (a run that failed, like a killed one, leaves only
     whole shards) and the failure is raised in the driver at its next ``submit`` or at
@@ -734,7 +734,7 @@ class _ShardWriter:
         if self.failed.is_set():
             return 0, 0  # an earlier shard failed: write nothing more
         try:
-            f_rows, e_rows = _commit_shard(self.cfg, shard, parts, self.schema, self.metadata)
+            f_rows, e_rows = commit_shard(self.cfg, shard, parts, self.schema, self.metadata)
         except BaseException:
             self.failed.set()
             raise
@@ -886,7 +886,7 @@ def run(cfg: Config) -> dict:
     expected = {int(s): int(c) for s, c in
                 zip(*np.unique(work["shard"].to_numpy(), return_counts=True))}
 
-    gpus = _gpus_per_actor(cfg)
+    gpus = gpus_per_actor(cfg)
     counts = {"features_rows_new": 0, "error_rows_new": 0}
     device = "cuda" if gpus > 0 else "cpu"
     actors = [e.min_actors, e.max_actors]
@@ -898,7 +898,7 @@ def run(cfg: Config) -> dict:
         blocks = [work.slice(i, e.batch_size) for i in range(0, work.num_rows, e.batch_size)]
         ds = ray.data.from_arrow(blocks)
         ds = ds.map_batches(
-            _decode_block, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
+            decode_block, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
             num_cpus=e.cpus_per_decode_task,
             fn_kwargs={"storage_cfg": cfg.storage, "sizes": sizes,
                        "min_side": e.min_image_side, "read_threads": e.read_threads,
@@ -906,7 +906,7 @@ def run(cfg: Config) -> dict:
                        "max_bytes": cfg.data.max_image_bytes,
                        "original_max_side": e.dlib_max_side if emb.separate_pool else None})
         ds = ds.map_batches(
-            _Infer, batch_format="pyarrow", batch_size=e.batch_size, zero_copy_batch=True,
+            AttributeInfer, batch_format="pyarrow", batch_size=e.batch_size, zero_copy_batch=True,
             compute=_actor_pool(cfg, lo, hi, gpus),
             num_cpus=e.cpus_per_actor, num_gpus=gpus,
             fn_constructor_kwargs={"cfg": cfg, "use_gpu": gpus > 0,

@@ -672,7 +672,7 @@ ADAPTERS = {"celeba": _celeba, "utkface": _utkface, "lfw": _lfw, "folder": _fold
 # Assembly
 
 
-def _build(cfg: Config, listing: pl.DataFrame | None = None) -> tuple[pa.Table, pa.Table, dict]:
+def build_manifest(cfg: Config, listing: pl.DataFrame | None = None) -> tuple[pa.Table, pa.Table, dict]:
     """Manifest and errors tables for ``cfg`` (``listing`` replaces the storage listing; benchmark)."""
     root = storage.filesystem(cfg.data.root, cfg.storage)
     skipped = _no_errors()
@@ -719,7 +719,7 @@ def _summarise(errors: pa.Table, k: int = 5) -> dict[str, int]:
 def run(cfg: Config) -> dict:
     """Write ``manifest/`` and ``errors/`` for ``cfg.data``; returns counts for run.json."""
     t0 = time.perf_counter()
-    manifest, errors, details = _build(cfg)
+    manifest, errors, details = build_manifest(cfg)
     tables.clear_errors(cfg, STAGE)
     tables.write_errors(cfg, STAGE, errors)
     if manifest.num_rows == 0:

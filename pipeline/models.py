@@ -108,7 +108,9 @@ def fetch_weights_file(url: str, download: bool, what: str = "weights") -> str:
     return path
 
 
-def _imagenet_state_dict(weights_enum, download: bool = False) -> dict[str, torch.Tensor]:
+def imagenet_state_dict(weights_enum, download: bool = False) -> dict[str, torch.Tensor]:
+    """torchvision's weights for ``weights_enum`` from the torch cache (fetched, hash-checked,
+    only when ``download``); a missing or unreadable file is a :class:`WeightsError`."""
     path = fetch_weights_file(weights_enum.url, download, 'pretrained "imagenet"')
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -130,8 +132,10 @@ def load_state_dict(spec: str, storage_cfg: StorageConfig | None = None) -> dict
     return obj
 
 
-def _apply(model: nn.Module, state: dict[str, torch.Tensor], spec: str, strict_prefix: str = "",
-           ignore: tuple[str, ...] = ()) -> None:
+def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], spec: str,
+                     strict_prefix: str = "", ignore: tuple[str, ...] = ()) -> None:
+    """Load ``state`` into ``model``: every key must match by name and shape except those that
+    start with ``ignore`` (a replaced head), else a :class:`WeightsError` naming ``spec``."""
     own = model.state_dict()
     state = {k: v for k, v in state.items() if not k.startswith(ignore)} if ignore else state
     missing = [k for k in own if k not in state and not k.startswith(ignore or ("\0",))]
@@ -209,11 +213,11 @@ def build_attribute_model(n_attributes: int, pretrained: str = "none",
     if pretrained == "imagenet":
         from torchvision.models import MobileNet_V2_Weights
 
-        state = _imagenet_state_dict(MobileNet_V2_Weights.IMAGENET1K_V1, download)
+        state = imagenet_state_dict(MobileNet_V2_Weights.IMAGENET1K_V1, download)
         state = {k: v for k, v in state.items() if k.startswith("features.")}
     else:
         state = load_state_dict(pretrained, storage_cfg)
-    _apply(model, state, pretrained, ignore=("head.",))
+    apply_state_dict(model, state, pretrained, ignore=("head.",))
     return model
 
 
@@ -263,6 +267,6 @@ def load_attribute_model(loc: storage.Location) -> tuple[AttributeNet, Attribute
     model = AttributeNet(len(info.attributes), arch=info.arch)
     state = torch.load(io.BytesIO(storage.read_bytes(loc.join("model.pt"))), map_location="cpu",
                        weights_only=True)
-    _apply(model, state, loc.join("model.pt").uri)
+    apply_state_dict(model, state, loc.join("model.pt").uri)
     model.eval()
     return model, info

@@ -19,19 +19,9 @@ from dataclasses import dataclass
 
 from pipeline import runlock, runlog
 from pipeline.config import Config
+from pipeline.stages import StageSkipped  # noqa: F401 - re-exported (run_stage catches it)
 
 log = logging.getLogger(__name__)
-
-
-class StageSkipped(Exception):
-    """Raised by a stage that has nothing to do for this config (the reason is recorded).
-
-    ``details`` (optional) are recorded in run.json beside the reason.
-    """
-
-    def __init__(self, reason: str, details: dict | None = None):
-        super().__init__(reason)
-        self.details = dict(details or {})
 
 
 @dataclass(frozen=True)

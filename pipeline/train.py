@@ -48,6 +48,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from pipeline import storage, tables
 from pipeline.config import Config
 from pipeline.seeds import derive_seed
+from pipeline.stages import StageSkipped
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def _run(cfg: Config, *, fail_after_epoch: int | None = None) -> dict:
 
     from pipeline.models import AttributeModelInfo, IMAGENET_MEAN, IMAGENET_STD
     from pipeline.ray_runtime import resolve_use_gpu
-    from pipeline.run import StageSkipped, fingerprints
+    from pipeline.run import fingerprints
 
     t = cfg.train
     if t.model_from:
@@ -130,11 +131,11 @@ def _run(cfg: Config, *, fail_after_epoch: int | None = None) -> dict:
                            f"trained in this run", adopted)
     # --- everything that can be wrong with the input is checked before any work starts ---
     manifest = tables.read(cfg, "manifest")
-    attributes = _resolve_attributes(cfg, manifest.schema)
+    attributes = resolve_attributes(cfg, manifest.schema)
     if not attributes:
         raise TrainInputError(NO_LABELS.format(dataset=cfg.data.dataset))
     use_gpu = resolve_use_gpu(cfg, t.use_gpu)
-    splits, label_errors = _split_rows(manifest, attributes)
+    splits, label_errors = split_rows(manifest, attributes)
     for split in ("train", "val", "test"):
         if splits[split].num_rows == 0:
             raise TrainInputError(
@@ -149,7 +150,7 @@ def _run(cfg: Config, *, fail_after_epoch: int | None = None) -> dict:
         pos = np.clip(train_prev, 1e-6, None)
         pos_weight = np.minimum((1 - train_prev) / pos, t.pos_weight_max).tolist()
 
-    world = _workers(cfg, use_gpu)  # before anything is written or removed
+    world = worker_count(cfg, use_gpu)  # before anything is written or removed
     # the resolved device is part of the run's identity: "auto" may resolve differently on
     # another cluster, and a CPU run's checkpoint (float32, no scaler) is not a GPU run's
     fp = _run_fingerprint(fingerprints(cfg)[STAGE], use_gpu)
@@ -368,7 +369,7 @@ def _run_fingerprint(stage_fp: str, use_gpu: bool) -> str:
     return f"{stage_fp}-{'gpu' if use_gpu else 'cpu'}"
 
 
-def _workers(cfg: Config, use_gpu: bool) -> int:
+def worker_count(cfg: Config, use_gpu: bool) -> int:
     """``train.num_workers`` resolved ("auto") and checked against the nodes (bounded wait).
 
     The request is the workers plus one decode task: without a CPU left for decoding, training
@@ -397,7 +398,7 @@ def _workers(cfg: Config, use_gpu: bool) -> int:
     return int(world)
 
 
-def _resolve_attributes(cfg: Config, schema: pa.Schema) -> list[str]:
+def resolve_attributes(cfg: Config, schema: pa.Schema) -> list[str]:
     from pipeline.schemas import manifest_attributes
 
     have = manifest_attributes(schema)
@@ -412,7 +413,7 @@ def _resolve_attributes(cfg: Config, schema: pa.Schema) -> list[str]:
     return wanted
 
 
-def _split_rows(manifest: pa.Table, attributes: list[str]) -> tuple[dict[str, pa.Table], list]:
+def split_rows(manifest: pa.Table, attributes: list[str]) -> tuple[dict[str, pa.Table], list]:
     """The columns training needs, per split; rows with a missing label become error rows."""
     cols = manifest.select(["image_id", "uri", "split", *attributes])
     complete = pc.is_valid(cols[attributes[0]])
@@ -636,7 +637,7 @@ class _Predictor:
         self.model.load_state_dict(ray.get(state_ref[0]))
         self.model.to(self.device, memory_format=torch.channels_last).eval()
         self.normalize = _Normalize(self.device)
-        self.amp_dtype, _ = _amp_policy(self.device)
+        self.amp_dtype, _ = amp_policy(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -836,7 +837,7 @@ def _augment_on_device(x, flip, shift):
     return torch.gather(out, 3, xs[:, None, None, :].expand(n, c, h, w))
 
 
-def _augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """NHWC numpy form of the training augmentation (same parameters and pixels)."""
     import torch
 
@@ -866,7 +867,7 @@ class _Normalize:
         return torch.addcmul(self.shift, x.float(), self.scale)
 
 
-def _amp_policy(device, precision: str = "auto") -> tuple[Any, bool]:
+def amp_policy(device, precision: str = "auto") -> tuple[Any, bool]:
     """(autocast dtype or None, use a GradScaler): bf16 without a scaler on GPUs that have it
     (Ampere and later), fp16 with a scaler on older GPUs, float32 on CPU or when ``precision``
     is "fp32"."""
@@ -945,7 +946,7 @@ def _train_loop(c: dict) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=c["lr"], weight_decay=c["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: _lr_factor(s, total_steps, c["schedule"]))
-    amp_dtype, use_scaler = _amp_policy(device, c["precision"])
+    amp_dtype, use_scaler = amp_policy(device, c["precision"])
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     start_epoch, step, history = 1, 0, []
     if state is not None:

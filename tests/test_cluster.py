@@ -18,7 +18,7 @@ from pipeline.cluster import run as run_cluster
 from pipeline.cluster._describe import cluster_label
 from pipeline.cluster._fit import SweepSpec, choose_k, fit_predict, purity, score
 from pipeline.config import CELEBA_ATTRIBUTES
-from pipeline.run import StageSkipped
+from pipeline.stages import StageSkipped
 from pipeline.schemas import manifest_schema
 from tests.helpers import tiny_config, write_tiny_manifest
 
@@ -271,7 +271,8 @@ def test_ward_tasks_reserve_memory_for_their_distance_matrix():
 
 def test_sweep_chunks_partition_the_specs_and_ray_matches_the_loop(ray_session):
     from pipeline.cluster._spaces import Space
-    from pipeline.cluster._stage import SpaceJob, _chunks, _seeded_sample, run_sweep, sweep_specs
+    from pipeline.cluster._stage import SpaceJob, _chunks, run_sweep, sweep_specs
+    from pipeline.seeds import sample_indices
 
     cfg = tiny_config(__import__("pathlib").Path("/nonexistent"), "cluster.k_max=5")
     r = np.random.default_rng(0)
@@ -279,8 +280,8 @@ def test_sweep_chunks_partition_the_specs_and_ray_matches_the_loop(ray_session):
     X = X.astype(np.float32)
     job = SpaceJob(Space("s", np.arange(300).astype(str).astype(object), X, list("abcd")),
                    {"t": r.integers(0, 2, 300).astype(np.int8)},
-                   _seeded_sample(0, 300, 100, "sample", "s"),
-                   _seeded_sample(0, 300, 100, "sil", "s"))
+                   sample_indices(300, 100, 0, "cluster", "sample", "s"),
+                   sample_indices(300, 100, 0, "cluster", "sil", "s"))
     specs, _ = sweep_specs(cfg, job)
     chunks = _chunks(job, specs, 3)
     assert len(chunks) == 3 and sorted(map(id, sum(chunks, []))) == sorted(map(id, specs))

@@ -193,7 +193,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, ray_sessio
     (Path(cfg.data.root) / "img" / "000007.jpg").write_bytes(b"")  # one error row, too
 
     # "kill" the run after two shards were committed: the third commit raises
-    real_commit = extract._commit_shard
+    real_commit = extract.commit_shard
     calls = {"n": 0}
 
     def dying_commit(*args, **kwargs):
@@ -202,10 +202,10 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, ray_sessio
         calls["n"] += 1
         return real_commit(*args, **kwargs)
 
-    monkeypatch.setattr(extract, "_commit_shard", dying_commit)
+    monkeypatch.setattr(extract, "commit_shard", dying_commit)
     with pytest.raises(KeyboardInterrupt):
         extract.run(cfg)
-    monkeypatch.setattr(extract, "_commit_shard", real_commit)
+    monkeypatch.setattr(extract, "commit_shard", real_commit)
     parts = storage.parquet_files(tables.location(cfg, "features"))
     assert len(parts) == 2  # whole shards only, nothing half-written
 
@@ -291,7 +291,7 @@ def test_actor_inputs_match_the_reference_normalisation(tmp_path):
     """The actor's zero-copy chain gives the same tensors as (x / 255 - mean) / std."""
     cfg = small_cfg(tmp_path, "extract.embedding=attribute_backbone")
     export_random_attribute_model(cfg)
-    inf = extract._Infer(cfg, use_gpu=False, threads=1)
+    inf = extract.AttributeInfer(cfg, use_gpu=False, threads=1)
     rng = np.random.default_rng(1)
     imgs = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     batch = pa.table({"image_id": ["a", "b", "c"], "uri": ["a", "b", "c"],
@@ -340,7 +340,7 @@ def test_shard_writer_runs_off_the_stream_bounded_and_stops_after_a_failure(monk
         written.append(shard)
         return sum(p.num_rows for p in parts), 0
 
-    monkeypatch.setattr(extract, "_commit_shard", slow_commit)
+    monkeypatch.setattr(extract, "commit_shard", slow_commit)
     part = pa.table({"x": [1, 2]})
     w = extract._ShardWriter(None, None, {}, max_pending=2)
     t0 = time.perf_counter()

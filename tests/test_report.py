@@ -109,7 +109,7 @@ def test_every_written_figure_is_referenced(full_run):
 def test_mean_face_is_the_pixel_average_of_the_cluster_images(tmp_path):
     from PIL import Image
 
-    from pipeline.report._faces import FACE_WIDTH, FaceReader, mean_face
+    from pipeline.report import FACE_WIDTH, Context, FaceReader, mean_face
 
     cfg = tiny_config(tmp_path)
     paths = []
@@ -119,7 +119,7 @@ def test_mean_face_is_the_pixel_average_of_the_cluster_images(tmp_path):
         paths.append(str(p))
     import pandas as pd
 
-    reader = FaceReader(report._context.Context(cfg))
+    reader = FaceReader(Context(cfg))
     faces = reader.load(pd.DataFrame({"image_id": ["a", "b", "c", "missing"],
                                       "uri": paths + [str(tmp_path / "nope.png")]}))
     assert len(faces) == 3 and faces[0].shape == (2 * FACE_WIDTH, FACE_WIDTH, 3)

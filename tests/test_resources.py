@@ -82,11 +82,11 @@ def test_auto_sizes_fit_the_session_cluster(ray_session, tmp_path):
                              "extract.cpus_per_actor=1", "extract.cpus_per_decode_task=0.5"])
     assert extract._check_resources(cfg, 0.0) == (1, 1)
     cfg = load_config(None, ["train.num_workers=auto", "train.cpus_per_worker=0.5"])
-    assert train._workers(cfg, False) == 1  # one per node on CPU
+    assert train.worker_count(cfg, False) == 1  # one per node on CPU
     cfg = load_config(None, ["train.num_workers=4", "train.cpus_per_worker=1"])
     t0 = time.monotonic()
     with pytest.raises(ResourceError, match=r"4 worker.*4 x \{CPU: 1\}.*\{CPU: 2, GPU: 0\}"):
-        train._workers(cfg, False)
+        train.worker_count(cfg, False)
     assert time.monotonic() - t0 < 5
     cfg = load_config(None, ["extract.min_actors=3", "extract.max_actors=3"])
     with pytest.raises(ResourceError, match="extract: 3 inference actor"):

@@ -228,8 +228,8 @@ def test_thresholds_tuned_for_val_accuracy():
 
 def test_augmentation_is_seeded_and_keeps_shape():
     imgs = np.random.default_rng(0).integers(0, 255, (4, 16, 16, 3), dtype=np.uint8)
-    a = train._augment(imgs, np.random.default_rng(1))
-    b = train._augment(imgs, np.random.default_rng(1))
+    a = train.augment(imgs, np.random.default_rng(1))
+    b = train.augment(imgs, np.random.default_rng(1))
     assert a.shape == imgs.shape and a.dtype == np.uint8 and np.array_equal(a, b)
     assert not np.array_equal(a, imgs)
 
@@ -252,7 +252,7 @@ def test_device_augmentation_equals_the_cpu_reference_pixel_for_pixel():
     imgs = np.random.default_rng(0).integers(0, 255, (16, 32, 32, 3), dtype=np.uint8)
     for seed in range(3):
         ref = _reference_augment(imgs, np.random.default_rng(seed))
-        assert np.array_equal(train._augment(imgs, np.random.default_rng(seed)), ref)
+        assert np.array_equal(train.augment(imgs, np.random.default_rng(seed)), ref)
     # on a channels_last uint8 NCHW batch, as the training loop has it, the layout is kept
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2)
     flip, shift = train._augment_params(16, 32, np.random.default_rng(0))
@@ -268,7 +268,7 @@ def test_cached_normalisation_and_precision_policy_on_cpu():
     norm = train._Normalize(torch.device("cpu"))
     assert torch.allclose(norm(x), normalize_images(x), atol=1e-5)
     assert norm(x).is_contiguous(memory_format=torch.channels_last)
-    assert train._amp_policy(torch.device("cpu")) == (None, False)
+    assert train.amp_policy(torch.device("cpu")) == (None, False)
 
 
 def test_gpu_resume_of_a_checkpoint_without_scaler_state():

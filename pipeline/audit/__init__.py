@@ -59,6 +59,7 @@ __all__ = ["run", "excluded_image_ids", "exact_groups", "near_pairs", "near_grou
            "normalise", "build_index", "neighbour_block", "pairs_from_neighbours",
            "search_method", "EXACT_MAX_ROWS",
            "out_of_sample_probs", "label_issues", "issue_rates", "SCHEMAS",
+           "neighbour_block", "normalise",  # the near-duplicate search's steps (benchmarks)
            "DUPLICATES", "LABEL_CONFLICTS", "LEAKAGE", "LEAKAGE_COUNTS", "LABEL_ISSUES",
            "ISSUE_RATES", "SUMMARY", "DUPLICATES_SCHEMA", "LABEL_CONFLICTS_SCHEMA",
            "LEAKAGE_SCHEMA", "LEAKAGE_COUNTS_SCHEMA", "LABEL_ISSUES_SCHEMA",

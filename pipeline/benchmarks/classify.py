@@ -23,8 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import tables
-from pipeline.classify._data import load_inputs
-from pipeline.classify._stage import execute, plan
+from pipeline.classify import execute, load_inputs, plan
 from pipeline.config import CELEBA_ATTRIBUTES, Config
 from pipeline.ray_runtime import cluster_cpus, ensure_ray
 from pipeline.schemas import LANDMARKS, manifest_schema

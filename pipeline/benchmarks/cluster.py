@@ -32,9 +32,7 @@ import time
 
 import numpy as np
 
-from pipeline.cluster._fit import SweepSpec, fit_predict
-from pipeline.cluster._spaces import Space
-from pipeline.cluster._stage import SpaceJob, _seeded_sample, run_sweep, sweep_specs
+from pipeline.cluster import Space, SpaceJob, SweepSpec, fit_predict, run_sweep, sweep_specs
 from pipeline.config import Config
 from pipeline.seeds import derive_seed, rng
 
@@ -79,11 +77,9 @@ def run(cfg: Config, rows: int = 10000, dim: int = 50, spaces: int = 3, full_n: 
     for s in range(spaces):
         name = f"space{s}"
         X, truth = planted(rows, dim, 5, derive_seed(cfg.run.seed, "bench", "cluster", name))
-        job = SpaceJob(Space(name, np.arange(rows).astype(str).astype(object), X,
-                             [f"d{i}" for i in range(dim)]),
-                       {"planted": truth.astype(np.int8)},
-                       _seeded_sample(cfg.run.seed, rows, c.sample_rows, "sample", name),
-                       _seeded_sample(cfg.run.seed, rows, c.silhouette_rows, "silhouette", name))
+        job = SpaceJob.seeded(cfg, Space(name, np.arange(rows).astype(str).astype(object), X,
+                                         [f"d{i}" for i in range(dim)]),
+                              {"planted": truth.astype(np.int8)})
         jobs.append(job)
         specs[name], _ = sweep_specs(cfg, job)
     n_tasks = sum(len(v) for v in specs.values())

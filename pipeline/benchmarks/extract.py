@@ -40,9 +40,9 @@ def _bare_throughput(cfg, use_gpu: bool, threads: int, batch, seconds: float) ->
     import numpy as np
     import pyarrow.compute as pc
 
-    from pipeline.extract import _Infer
+    from pipeline.extract import AttributeInfer
 
-    inf = _Infer(cfg, use_gpu, threads)
+    inf = AttributeInfer(cfg, use_gpu, threads)
     good = np.flatnonzero(pc.is_null(batch.column("error")).to_numpy(zero_copy_only=False))
     xa, xe = inf.inputs(batch, good)  # decoded + normalised once, outside the timed loop
     inf.forward(xa, xe)  # warm-up (oneDNN / cuDNN kernel selection)
@@ -106,7 +106,7 @@ def run(cfg, images: int = 0, memory: bool = False, bare_seconds: float = 20.0,
         first_commit = _first_commit_time(bcfg, t0)
 
         # (a) the bare models, in an actor with the inference actor's resources
-        gpus = extract._gpus_per_actor(bcfg)
+        gpus = extract.gpus_per_actor(bcfg)
         threads = max(1, int(round(e.cpus_per_actor)))
         man = tables.read(bcfg, "manifest", columns=["image_id", "uri"]).sort_by("image_id")
         sample = man.slice(0, e.batch_size)
@@ -116,8 +116,8 @@ def run(cfg, images: int = 0, memory: bool = False, bare_seconds: float = 20.0,
         emb_size = info.image_size if e.embedding == "attribute_backbone" \
             else e.embedding_image_size
         sizes = tuple(sorted({int(info.image_size), int(emb_size)}))
-        batch = extract._decode_block(sample, storage_cfg=bcfg.storage, sizes=sizes,
-                                      min_side=e.min_image_side, read_threads=e.read_threads)
+        batch = extract.decode_block(sample, storage_cfg=bcfg.storage, sizes=sizes,
+                                     min_side=e.min_image_side, read_threads=e.read_threads)
         bare_fn = ray.remote(num_cpus=e.cpus_per_actor, num_gpus=gpus)(_bare_throughput)
         bare = ray.get(bare_fn.remote(bcfg, gpus > 0, threads, batch, float(bare_seconds)))
 

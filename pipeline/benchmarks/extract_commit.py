@@ -43,7 +43,7 @@ def run(cfg, images: int = 400, rows_per_file: int = 40, delay: float = 0.5,
         place_attribute_model(cfg, bcfg, random_init=True)
         ensure_ray(bcfg)
 
-        real = extract._commit_shard
+        real = extract.commit_shard
 
         def slow_commit(*args, **kwargs):
             time.sleep(float(delay))
@@ -52,13 +52,13 @@ def run(cfg, images: int = 400, rows_per_file: int = 40, delay: float = 0.5,
         out = {"images": int(images), "rows_per_file": int(rows_per_file),
                "delay_s_per_shard": float(delay)}
         for name, commit in (("fast", real), ("slow", slow_commit)):
-            extract._commit_shard = commit
+            extract.commit_shard = commit
             try:
                 t0 = time.perf_counter()
                 res = extract.run(bcfg)  # the second run starts clean (the first completed)
                 wall = time.perf_counter() - t0
             finally:
-                extract._commit_shard = real
+                extract.commit_shard = real
             out[f"{name}_wall_s"] = round(wall, 2)
             out[f"{name}_images_per_s"] = round(int(images) / wall, 1)
             # what the stream itself waited for the writer: a full queue, then the last shards

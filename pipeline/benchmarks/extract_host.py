@@ -1,6 +1,6 @@
 """`python -m jobs.benchmark extract_host [-- --batch 512 --size 224 --attr-size 160]`
 
-The inference actor's host chain alone, no model: one decoded batch (as ``_decode_block``
+The inference actor's host chain alone, no model: one decoded batch (as ``decode_block``
 returns it: a binary ``px<S>`` column per input size, a few error rows) turned into the uint8
 images a GPU copy starts from, and the model outputs turned back into the actor's Arrow output.
 Side by side, on one thread (an actor's ``cpus_per_actor = 1``):
@@ -10,7 +10,7 @@ Side by side, on one thread (an actor's ``cpus_per_actor = 1``):
 * now: :func:`pipeline.extract.pixel_rows` (a view of the Arrow value buffer) plus the one copy
   into the staging buffer a GPU actor copies from (pinned memory when CUDA is present; on a CPU
   machine an ordinary buffer of the same size, so the same bytes are moved); the outputs built by
-  the actor's own ``_infer_output``.
+  the actor's own ``infer_output``.
 
 Images/s per actor = batch rows / seconds per batch; the goal is >= 20,000 at 224 px.
 """
@@ -105,7 +105,7 @@ def run(cfg, batch: int = 512, size: int = 224, attr_size: int = 160, errors: in
     b = _batch(int(batch), sizes, int(errors), cfg.run.seed)
     good = np.flatnonzero(pc.is_null(b.column("error")).to_numpy(zero_copy_only=False))
     names = [f"a{j}" for j in range(int(attributes))]
-    schema = extract._infer_schema(names, int(dim))
+    schema = extract.infer_schema(names, int(dim))
     rng = np.random.default_rng(1)
     probs = rng.random((len(good), len(names)), dtype=np.float32)
     emb = rng.random((len(good), int(dim)), dtype=np.float32)
@@ -115,13 +115,13 @@ def run(cfg, batch: int = 512, size: int = 224, attr_size: int = 160, errors: in
     new = [x.numpy().copy() for x in _new_inputs(torch, b, sizes, staging)]
     assert all(np.array_equal(o, n) for o, n in zip(old, new)), "chains disagree"
 
-    new_out = extract._infer_output(b, good, probs, emb, schema)
+    new_out = extract.infer_output(b, good, probs, emb, schema)
     assert new_out.equals(_old_output(b, good, probs, emb, schema)), "outputs disagree"
 
     t_old_in, c_old_in = _time(lambda: _old_inputs(torch, b, good, sizes), seconds)
     t_new_in, c_new_in = _time(lambda: _new_inputs(torch, b, sizes, staging), seconds)
     t_old_out, c_old_out = _time(lambda: _old_output(b, good, probs, emb, schema), seconds)
-    t_new_out, c_new_out = _time(lambda: extract._infer_output(b, good, probs, emb, schema),
+    t_new_out, c_new_out = _time(lambda: extract.infer_output(b, good, probs, emb, schema),
                                  seconds)
     mb = sum(b.column(f"px{s}").nbytes for s in sizes) / 1e6
     res = {

@@ -147,11 +147,11 @@ def run(cfg, images: int = 10000, data_root: str = "../shared/real/celeba", step
         man = _resplit_by_identity(tables.read(bcfg, "manifest"),
                                    derive_seed(cfg.run.seed, "benchmark", "gpu-split"))
         tables.replace(bcfg, "manifest", man, schema=man.schema)
-        attributes = train._resolve_attributes(bcfg, man.schema)
-        splits, _ = train._split_rows(man, attributes)
+        attributes = train.resolve_attributes(bcfg, man.schema)
+        splits, _ = train.split_rows(man, attributes)
         ensure_ray(bcfg)
         use_gpu = resolve_use_gpu(bcfg, bcfg.train.use_gpu)
-        world = train._workers(bcfg, use_gpu)
+        world = train.worker_count(bcfg, use_gpu)
         n_train = splits["train"].num_rows
         per_step = bcfg.train.batch_size * world
         steps = int(steps) or n_train // per_step  # default: one epoch of the train split

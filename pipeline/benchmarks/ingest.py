@@ -60,7 +60,7 @@ def run(cfg: Config, rows: int = 202599, baseline: bool = True, seed: int = 0) -
         # CPU time is reported next to wall time: on a shared machine the wall clock mostly
         # measures the neighbours.
         t0, c0 = time.perf_counter(), time.process_time()
-        manifest, errors, _ = ingest._build(cfg, listing=listing)
+        manifest, errors, _ = ingest.build_manifest(cfg, listing=listing)
         t_build, c_build = time.perf_counter() - t0, time.process_time() - c0
         t0 = time.perf_counter()
         tables.replace(cfg, "manifest", manifest, schema=manifest.schema)

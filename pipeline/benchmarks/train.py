@@ -53,11 +53,11 @@ def run(cfg: Config, steps: int = 0, epochs: int = 3, rows: int = 0, eval_rows: 
         train_rows = manifest.filter(pc.equal(manifest["split"], "train")).slice(0, rows)
         others = manifest.filter(pc.not_equal(manifest["split"], "train"))
         manifest = pa.concat_tables([train_rows, others])
-    attributes = train._resolve_attributes(cfg, manifest.schema)
-    splits, _ = train._split_rows(manifest, attributes)
+    attributes = train.resolve_attributes(cfg, manifest.schema)
+    splits, _ = train.split_rows(manifest, attributes)
     ensure_ray(cfg)
     use_gpu = resolve_use_gpu(cfg, cfg.train.use_gpu)
-    world = train._workers(cfg, use_gpu)  # "auto" resolved as the stage resolves it
+    world = train.worker_count(cfg, use_gpu)  # "auto" resolved as the stage resolves it
     per_epoch = splits["train"].num_rows // world // cfg.train.batch_size
     if steps:
         per_epoch = min(per_epoch, steps)
@@ -191,7 +191,7 @@ def baseline_loop(cfg: Config, rows: pa.Table, attributes: list[str], steps: int
     device = device or torch.device("cpu")
     model = build_attribute_model(len(attributes), t.pretrained, cfg.storage) \
         .to(device, memory_format=torch.channels_last)
-    amp_dtype, use_scaler = train._amp_policy(device, t.precision)
+    amp_dtype, use_scaler = train.amp_policy(device, t.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     loss_fn = nn.BCEWithLogitsLoss()
@@ -209,7 +209,7 @@ def baseline_loop(cfg: Config, rows: pa.Table, attributes: list[str], steps: int
     for images, y in batches():
         arr = images.numpy()
         if t.augment:
-            arr = train._augment(arr, rng)
+            arr = train.augment(arr, rng)
         x = normalize_images(torch.from_numpy(arr).to(device).permute(0, 3, 1, 2))
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x)

@@ -99,11 +99,11 @@ official partition; an earlier study reports accuracy 0.7817 for this model)::
         --set classify.threshold_metric=none
 """
 
-from pipeline.classify._data import dataset_schema
+from pipeline.classify._data import dataset_schema, load_inputs
 from pipeline.classify._evaluate import FAIRNESS_GAPS, METRICS
 from pipeline.classify._fit import DEFAULT_PARAMS, load_model
 from pipeline.classify._significance import FINDINGS_SCHEMA, SEP
-from pipeline.classify._stage import execute, run
+from pipeline.classify._stage import execute, plan, run
 from pipeline.classify._tables import (DATASET_TABLE, FINDINGS_TABLE, GLOBAL, METRICS_SCHEMA,
                                        METRICS_TABLE, MODEL_FILES, MODELS_SCHEMA, MODELS_TABLE,
                                        PER_CLUSTER, PREDICTIONS_SCHEMA, PREDICTIONS_TABLE,
@@ -120,4 +120,5 @@ __all__ = ["run", "SCHEMAS", "dataset_schema", "MODELS_SCHEMA", "METRICS_SCHEMA"
            "FINDINGS_SCHEMA", "SEP", "DATASET_TABLE", "MODELS_TABLE", "METRICS_TABLE",
            "PREDICTIONS_TABLE", "FINDINGS_TABLE",
            "MODEL_FILES", "GLOBAL", "PER_CLUSTER", "model_key", "model_file", "read_models", "Settings", "read_settings",
-           "METRICS", "FAIRNESS_GAPS", "TRUSTED_TYPES", "DEFAULT_PARAMS", "load_model", "execute"]
+           "METRICS", "FAIRNESS_GAPS", "TRUSTED_TYPES", "DEFAULT_PARAMS", "load_model", "execute",
+           "load_inputs", "plan"]  # load_inputs -> plan -> execute: the stage's steps (benchmarks)

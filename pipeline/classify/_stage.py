@@ -23,6 +23,7 @@ from pipeline.classify._tables import (DATASET_TABLE, FINDINGS_TABLE, METRICS_SC
                                        PREDICTIONS_TABLE, Settings)
 from pipeline.config import Config
 from pipeline.seeds import derive_seed
+from pipeline.stages import StageSkipped
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +278,6 @@ def summarize(rows: list[dict]) -> dict:
 def run(cfg: Config) -> dict:
     """Fit, evaluate and save the classifiers for ``classify.target``; returns row counts,
     what was skipped and why, timings and a per-cluster accuracy summary."""
-    from pipeline.run import StageSkipped
 
     c = cfg.classify
     unknown = sorted(set(c.params) - set(MODEL_NAMES))

@@ -50,8 +50,10 @@ from pipeline.cluster._schemas import (ASSIGNMENTS, ASSIGNMENTS_SCHEMA, CENTROID
                                        PROFILES_SCHEMA, SWEEP, IDENTITY, IDENTITY_SCHEMA, Settings,
                                        read_settings,
                                        sweep_schema)
+from pipeline.cluster._fit import SweepSpec, fit_predict
 from pipeline.cluster._identity import identity_table
-from pipeline.cluster._stage import run, run_sweep
+from pipeline.cluster._spaces import Space
+from pipeline.cluster._stage import SpaceJob, run, run_sweep, sweep_specs
 
 # Every table the stage writes, by name, with its schema (the sweep's depends on the run's
 # reference attributes, hence a function); tests hold each written table to it.
@@ -60,7 +62,8 @@ SCHEMAS = {SWEEP: sweep_schema, ASSIGNMENTS: ASSIGNMENTS_SCHEMA, PROFILES: PROFI
            DEMOGRAPHICS: DEMOGRAPHICS_SCHEMA, PRIMARY: PRIMARY_SCHEMA,
            IDENTITY: IDENTITY_SCHEMA}
 
-__all__ = ["run", "run_sweep", "Settings", "read_settings", "SCHEMAS",
+# SweepSpec .. sweep_specs: the sweep's parts, public for pipeline.benchmarks.cluster
+__all__ = ["run", "run_sweep", "SweepSpec", "fit_predict", "Space", "SpaceJob", "sweep_specs", "Settings", "read_settings", "SCHEMAS",
            "SWEEP", "ASSIGNMENTS", "PROFILES", "CENTROID_DISTANCES", "CONDITIONAL",
            "DEMOGRAPHICS", "PRIMARY", "IDENTITY", "IDENTITY_SCHEMA", "identity_table", "INTERNAL_METRICS", "EXTERNAL_METRICS",
            "ASSIGNMENTS_SCHEMA", "CENTROID_DISTANCES_SCHEMA", "CONDITIONAL_SCHEMA",

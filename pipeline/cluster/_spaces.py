@@ -24,7 +24,7 @@ import pyarrow.dataset as pads
 from pipeline import storage, tables
 from pipeline.config import Config
 from pipeline.schemas import manifest_attributes
-from pipeline.seeds import derive_seed, rng
+from pipeline.seeds import derive_seed, sample_indices
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ def build_embedding(cfg: Config, inp: Inputs) -> tuple[Space | None, str]:
     if n < 3:
         return None, f"only {n} usable embedding rows"
     fit_n = min(n, cfg.cluster.pca_fit_rows)
-    fit_rows = ok_idx[np.sort(rng(cfg.run.seed, "cluster", "pca").choice(n, fit_n, replace=False))]
+    fit_rows = ok_idx[sample_indices(n, fit_n, cfg.run.seed, "cluster", "pca")]
     slot = np.full(len(ids_all), -1, dtype=np.int64)  # features row -> row of the fit matrix
     slot[fit_rows] = np.arange(fit_n)
     E_fit = np.empty((fit_n, d), dtype=np.float32)

@@ -18,7 +18,8 @@ from pipeline.cluster._schemas import (ASSIGNMENTS_SCHEMA, CENTROID_DISTANCES_SC
                                        PROFILES_SCHEMA, Settings, sweep_schema)
 from pipeline.cluster._spaces import BUILDERS, Inputs, Space, load_inputs
 from pipeline.config import Config
-from pipeline.seeds import derive_seed, rng
+from pipeline.seeds import derive_seed, sample_indices
+from pipeline.stages import StageSkipped
 
 log = logging.getLogger(__name__)
 STAGE = "cluster"
@@ -33,12 +34,15 @@ class SpaceJob:
     sample_idx: np.ndarray  # rows agglomerative / hdbscan are fitted on
     sil_idx: np.ndarray  # rows silhouette is computed on
 
-
-def _seeded_sample(seed: int, n: int, m: int, *names: object) -> np.ndarray:
-    """Sorted indices of a seeded sample of ``m`` of ``n`` rows (all rows when m >= n)."""
-    if m >= n:
-        return np.arange(n)
-    return np.sort(rng(seed, STAGE, *names).choice(n, m, replace=False))
+    @classmethod
+    def seeded(cls, cfg: Config, space: Space, references: dict[str, np.ndarray]) -> SpaceJob:
+        """The job of ``space`` with its seeded fit and silhouette samples (cluster.sample_rows,
+        cluster.silhouette_rows)."""
+        c, n = cfg.cluster, space.X.shape[0]
+        return cls(space, references,
+                   sample_indices(n, c.sample_rows, cfg.run.seed, STAGE, "sample", space.name),
+                   sample_indices(n, c.silhouette_rows, cfg.run.seed, STAGE, "silhouette",
+                                  space.name))
 
 
 def sweep_specs(cfg: Config, job: SpaceJob) -> tuple[list[SweepSpec], list[str]]:
@@ -232,7 +236,6 @@ def run(cfg: Config) -> dict:
     import ray
 
     from pipeline.ray_runtime import ensure_ray
-    from pipeline.run import StageSkipped
 
     _check_config(cfg)
     ensure_ray(cfg)  # a no-op under run_stage or a test's Ray; honours cfg.ray otherwise
@@ -269,7 +272,6 @@ def run(cfg: Config) -> dict:
     refs_missing = {}
     jobs, specs, notes = [], {}, []
     for name, sp in spaces.items():
-        n = sp.X.shape[0]
         M, V = _attribute_matrix(inp, source, [a for a in c.reference_attributes
                                                if a in attr_names], sp.image_ids)
         references = {}
@@ -281,9 +283,7 @@ def run(cfg: Config) -> dict:
         for a in c.reference_attributes:
             if a not in attr_names:
                 refs_missing[a] = f"not among the {source} attributes"
-        job = SpaceJob(sp, references,
-                       _seeded_sample(cfg.run.seed, n, c.sample_rows, "sample", name),
-                       _seeded_sample(cfg.run.seed, n, c.silhouette_rows, "silhouette", name))
+        job = SpaceJob.seeded(cfg, sp, references)
         jobs.append(job)
         specs[name], more = sweep_specs(cfg, job)
         notes += more
@@ -294,7 +294,7 @@ def run(cfg: Config) -> dict:
     map_task = ray.remote(num_cpus=c.cpus_per_task)(_map_task)
     map_idx, map_refs = {}, {}
     for name, sp in spaces.items():
-        map_idx[name] = _seeded_sample(cfg.run.seed, sp.X.shape[0], c.map_rows, "map", name)
+        map_idx[name] = sample_indices(sp.X.shape[0], c.map_rows, cfg.run.seed, STAGE, "map", name)
         map_refs[name] = map_task.remote(x_refs[name], map_idx[name], c.map_method,
                                          derive_seed(cfg.run.seed, STAGE, "map", name))
     t0 = time.time()

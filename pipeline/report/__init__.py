@@ -34,6 +34,7 @@ from pipeline.config import Config
 from pipeline.report import (_attributes, _bias, _classifiers, _clusters, _data, _explain,
                              _findings, _models, _quality, _runinfo)
 from pipeline.report._context import Context, ReportDataError, h, note, slug
+from pipeline.report._faces import FACE_WIDTH, FaceReader, mean_face  # noqa: F401 - public
 from pipeline.report._page import render
 
 log = logging.getLogger(__name__)
