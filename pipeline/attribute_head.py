@@ -96,7 +96,7 @@ class AttributeHead:
         (n, A) bool; then tune each attribute's threshold on the train and val rows together."""
         import torch
 
-        from pipeline.train import _tune_thresholds
+        from pipeline.thresholds import tune_thresholds
 
         X, Y = np.asarray(X, np.float64), np.asarray(Y, bool)
         if X.ndim != 2 or Y.ndim != 2 or len(X) != len(Y) or not len(X):
@@ -131,7 +131,7 @@ class AttributeHead:
         # attributes' thresholds by chance; train + val scored higher in every probe (train.md)
         both = np.vstack([X, np.asarray(X_val, np.float64)])
         both_cnn = None if cnn is None else np.vstack([cnn, cnn_val])
-        self.thresholds_ = _tune_thresholds(np.vstack([Y, np.asarray(Y_val, bool)]),
+        self.thresholds_ = tune_thresholds(np.vstack([Y, np.asarray(Y_val, bool)]),
                                             self.predict_proba(both, both_cnn))
         return self
 

@@ -137,7 +137,8 @@ class TrainConfig(_Section):
     use_gpu: Literal["auto", "true", "false"] = "auto"
     # CPUs each training worker requests (fractional so Ray Data tasks are not starved).
     cpus_per_worker: float = Field(default=1.0, gt=0)
-    # Tune a per-attribute decision threshold on the val split (else 0.5).
+    # Tune a per-attribute decision threshold on the val split for accuracy (else 0.5); the
+    # rule is classify's, pipeline.thresholds.
     tune_thresholds: bool = False
     # Stop after this many training steps per epoch; 0 = full epoch (for smoke tests).
     max_steps_per_epoch: int = Field(default=0, ge=0)

@@ -556,8 +556,8 @@ def _png(fig) -> bytes:
 
 
 def _plots(units: list[_Unit], top_k: int) -> dict[str, bytes]:
-    """name -> PNG: per cluster a bar chart and a beeswarm, per model x sampling one side-by-side
-    chart of the top features across clusters."""
+    """name -> PNG: per model x sampling, a beeswarm for all rows and for each cluster (the
+    report shows these; its importance bars it draws itself from ``shap/importance``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -574,30 +574,6 @@ def _plots(units: list[_Unit], top_k: int) -> dict[str, bytes]:
         glob = next((u for u in us if u.spec.cluster is None), None)
         by_cluster = {u.spec.cluster: u for u in us if u.spec.cluster is not None}
         clusters = sorted(set(by_cluster) | {k for k in (glob.sums if glob else {}) if k is not None})
-        # Bars: per cluster, the global model on the cluster's rows and the cluster's own model.
-        for cl in [None] + clusters:
-            series = []
-            if glob is not None and cl in glob.sums:
-                series.append(("global model", dict(zip(glob.spec.features,
-                                                        glob.importance()[cl]))))
-            if cl in by_cluster:
-                u = by_cluster[cl]
-                series.append((f"cluster {cl} model", dict(zip(u.spec.features,
-                                                               u.importance()[cl]))))
-            if not series:
-                continue
-            feats = sorted(series[-1][1], key=lambda f: -series[-1][1][f])[:show][::-1]
-            fig, ax = plt.subplots(figsize=(7, 0.35 * len(feats) + 1.5))
-            h = 0.8 / len(series)
-            for i, (name, vec) in enumerate(series):
-                ax.barh(np.arange(len(feats)) + i * h, [vec.get(f, 0.0) for f in feats], h,
-                        label=name)
-            ax.set_yticks(np.arange(len(feats)) + h * (len(series) - 1) / 2, feats)
-            ax.set_xlabel(f"mean |SHAP| ({(glob or us[0]).output})")
-            where = "all rows" if cl is None else f"cluster {cl}"
-            ax.set_title(f"{model} ({sampling}): {where}")
-            ax.legend(loc="lower right")
-            out[f"bar__{stem}__{'all' if cl is None else f'cluster_{cl}'}.png"] = _png(fig)
         # Beeswarms: the cluster's own model where there is one, else the global model there.
         for cl in [None] + clusters:
             u = by_cluster.get(cl) if cl is not None else None
@@ -612,36 +588,6 @@ def _plots(units: list[_Unit], top_k: int) -> dict[str, bytes]:
             where = "all rows" if cl is None else f"cluster {cl}"
             fig.axes[0].set_title(f"{model} ({sampling}, {u.spec.trained_on} model): {where}")
             out[beeswarm_name(model, sampling, u.spec.trained_on, cl)] = _png(fig)
-        # Side by side: the union of each column's top-k features, one bar per column.
-        cols = []
-        if glob is not None and None in glob.sums:
-            cols.append(("global model, all rows", dict(zip(glob.spec.features,
-                                                            glob.importance()[None]))))
-        for cl in clusters:
-            u = by_cluster.get(cl)
-            if u is not None:
-                cols.append((f"cluster {cl} model", dict(zip(u.spec.features,
-                                                             u.importance()[cl]))))
-            elif glob is not None and cl in glob.sums:
-                cols.append((f"global model, cluster {cl}", dict(zip(glob.spec.features,
-                                                                     glob.importance()[cl]))))
-        if len(cols) >= 2:
-            feats: list[str] = []
-            for _, vec in cols:
-                for f in sorted(vec, key=lambda f: -vec[f])[:top_k]:
-                    if f not in feats:
-                        feats.append(f)
-            fig, ax = plt.subplots(figsize=(max(7, 0.6 * len(feats) * len(cols) / 3), 4.5))
-            w = 0.8 / len(cols)
-            for i, (name, vec) in enumerate(cols):
-                ax.bar(np.arange(len(feats)) + i * w, [vec.get(f, 0.0) for f in feats], w,
-                       label=name)
-            ax.set_xticks(np.arange(len(feats)) + w * (len(cols) - 1) / 2, feats, rotation=45,
-                          ha="right")
-            ax.set_ylabel(f"mean |SHAP| ({(glob or us[0]).output})")
-            ax.set_title(f"{model} ({sampling}): top-{top_k} features by cluster")
-            ax.legend(fontsize=8)
-            out[f"top_features__{stem}.png"] = _png(fig)
     return out
 
 

@@ -62,7 +62,9 @@ import pyarrow.compute as pc
 
 from pipeline import storage, tables
 from pipeline.config import Config, DataConfig, StorageConfig
-from pipeline.images import ImageRejected, open_limited, read_limited
+# the decoders live in pipeline.images (train uses them too); re-exported here for the tests
+from pipeline.images import (BadImage, decode_image, decode_rgb, original_pixels,  # noqa: F401
+                             read_and_decode, square_crops)
 
 log = logging.getLogger(__name__)
 
@@ -151,102 +153,9 @@ def _dlib_schema(attributes: list[str], geometry: bool = False) -> pa.Schema:
 
 # --------------------------------------------------------------------------- decode
 
-class BadImage(ValueError):
-    """An input that cannot be used; the message is the errors/ reason."""
-
-
-def decode_rgb(data: bytes | None, min_side: int = 16, draft_side: int = 0,
-               max_pixels: int = DataConfig().max_image_pixels):
-    """Decode any image PIL reads into an RGB ``PIL.Image`` at (about) its own resolution.
-
-    Grayscale, CMYK, palette and alpha images are converted to RGB; a PNG (or any other format)
-    named ``.jpg`` is decoded by its content. ``draft_side`` > 0 lets libjpeg decode a JPEG much
-    larger than needed at a reduced scale (DCT scaling), keeping both sides >= ``draft_side``.
-    Raises :class:`BadImage` for empty, truncated, corrupt, too small or too large
-    (``max_pixels``, checked on the header before decoding) files.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    if data is None:
-        raise BadImage("unreadable")
-    if len(data) == 0:
-        raise BadImage("empty file (0 bytes)")
-    try:
-        im = open_limited(data, max_pixels)
-        w, h = im.size
-        if min(w, h) < min_side:
-            raise BadImage(f"image too small: {w}x{h} px (extract.min_image_side = {min_side})")
-        if draft_side and im.format == "JPEG" and min(w, h) >= 2 * draft_side:
-            im.draft("RGB", (draft_side, draft_side))
-        im.load()  # decode now: truncated / corrupt data raises here, not later
-        if im.mode != "RGB":
-            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                # high bit-depth grayscale: scale to 8 bits before the RGB conversion
-                arr = np.asarray(im, dtype=np.float32)
-                hi = float(arr.max()) or 1.0
-                im = Image.fromarray((arr * (255.0 / hi)).astype(np.uint8), "L")
-            im = im.convert("RGB")  # L, LA, P, CMYK, RGBA, YCbCr ... -> RGB
-        return im
-    except BadImage:
-        raise
-    except ImageRejected as exc:
-        raise BadImage(str(exc)) from None
-    except UnidentifiedImageError:
-        raise BadImage("not an image (unknown or corrupt format)") from None
-    except Image.DecompressionBombError as exc:
-        raise BadImage(f"image too large: {exc}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise BadImage(f"corrupt or truncated image: {exc}") from None
-
-
-def square_crops(im, sizes: tuple[int, ...]) -> list[np.ndarray]:
-    """Centre-crop an RGB image to a square, then resize it to each size (uint8 HWC arrays)."""
-    from PIL import Image
-
-    w, h = im.size
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    square = im.crop((left, top, left + s, top + s))
-    return [np.asarray(square.resize((n, n), Image.BILINEAR, reducing_gap=None
-                                     if s < 3 * n else 2.0), dtype=np.uint8)
-            for n in sizes]
-
-
-def original_pixels(im, max_side: int) -> np.ndarray:
-    """The RGB image as uint8 HWC, downscaled (aspect kept) when its longer side is > max_side."""
-    from PIL import Image
-
-    w, h = im.size
-    if max_side and max(w, h) > max_side:
-        f = max_side / max(w, h)
-        im = im.resize((max(1, round(w * f)), max(1, round(h * f))), Image.BILINEAR,
-                       reducing_gap=2.0)
-    return np.asarray(im, dtype=np.uint8)
-
-
-def decode_image(data: bytes | None, sizes: tuple[int, ...], min_side: int = 16,
-                 max_pixels: int = DataConfig().max_image_pixels) -> list[np.ndarray]:
-    """Decode any image PIL reads into RGB uint8 arrays, one per square ``size``.
-
-    :func:`decode_rgb` then :func:`square_crops`: the image is centre-cropped to a square, then
-    resized, so faces keep their aspect ratio whatever the source size. Raises :class:`BadImage`
-    for empty, truncated, corrupt, too small or too large files.
-    """
-    return square_crops(decode_rgb(data, min_side, draft_side=max(sizes), max_pixels=max_pixels),
-                        sizes)
-
-
 def content_hash(data: bytes) -> str:
     """The features table's ``content_hash``: blake2b (16-byte digest) of a file's bytes, hex."""
     return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
-def _read_one(uri: str, storage_cfg: StorageConfig, max_bytes: int
-              ) -> tuple[bytes | None, str | None]:
-    try:
-        return read_limited(uri, storage_cfg, max_bytes), None
-    except ImageRejected as exc:
-        return None, str(exc)
 
 
 def decode_block(block: pa.Table, *, storage_cfg: StorageConfig, sizes: tuple[int, ...],
@@ -267,31 +176,22 @@ def decode_block(block: pa.Table, *, storage_cfg: StorageConfig, sizes: tuple[in
     pixels: list[list[bytes | None]] = [[] for _ in sizes]
     orig: list[bytes | None] = []
     orig_hw: list[tuple[int | None, int | None]] = []
-    # reads are I/O: threads overlap S3 round trips; decoding stays on this task's one core.
-    # At most read_threads files' bytes are held at once (each <= data.max_image_bytes).
-    with ThreadPoolExecutor(max_workers=min(read_threads, max(1, len(uris)))) as pool:
-        for start in range(0, len(uris), read_threads):
-            window = uris[start:start + read_threads]
-            for data, read_err in pool.map(lambda u: _read_one(u, storage_cfg, max_bytes),
-                                           window):
-                err = read_err
-                arrays = full = None
-                hashes.append(None if data is None else content_hash(data))
-                if err is None:
-                    try:
-                        im = decode_rgb(data, min_side, draft_side=draft, max_pixels=max_pixels)
-                        arrays = square_crops(im, sizes)
-                        if keep:
-                            full = original_pixels(im, original_max_side or 0)
-                    except BadImage as exc:
-                        err = str(exc)
-                del data
-                errors.append(err)
-                for i in range(len(sizes)):
-                    pixels[i].append(arrays[i].tobytes() if arrays is not None else None)
-                if keep:
-                    orig.append(None if full is None else full.tobytes())
-                    orig_hw.append((None, None) if full is None else full.shape[:2])
+
+    def decode(data: bytes):
+        im = decode_rgb(data, min_side, draft_side=draft, max_pixels=max_pixels)
+        return square_crops(im, sizes), (original_pixels(im, original_max_side or 0) if keep else None)
+
+    # decoding stays on this task's one core (decode_threads=1); reads overlap in threads
+    for data, decoded, err in read_and_decode(uris, decode, storage_cfg=storage_cfg,
+                                              max_bytes=max_bytes, read_threads=read_threads):
+        hashes.append(None if data is None else content_hash(data))
+        arrays, full = decoded if decoded is not None else (None, None)
+        errors.append(err)
+        for i in range(len(sizes)):
+            pixels[i].append(arrays[i].tobytes() if arrays is not None else None)
+        if keep:
+            orig.append(None if full is None else full.tobytes())
+            orig_hw.append((None, None) if full is None else full.shape[:2])
     out = block.select(["image_id", "uri", "shard"])
     out = out.append_column("error", pa.array(errors, pa.string()))
     out = out.append_column("content_hash", pa.array(hashes, pa.string()))

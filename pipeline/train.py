@@ -36,7 +36,6 @@ import math
 import os
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -49,6 +48,7 @@ from pipeline import storage, tables
 from pipeline.config import Config
 from pipeline.seeds import derive_seed
 from pipeline.stages import StageSkipped
+from pipeline.thresholds import tune_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def _run(cfg: Config, *, fail_after_epoch: int | None = None) -> dict:
         wanted = ("val", "test") if t.tune_thresholds else ("test",)
         preds = _predict(cfg, model, {s: splits[s] for s in wanted}, attributes, use_gpu,
                          error_log)  # one pass (one actor pool start) over val and test
-        thresholds = _tune_thresholds(*preds["val"]) if t.tune_thresholds \
+        thresholds = tune_thresholds(*preds["val"]) if t.tune_thresholds \
             else np.full(len(attributes), 0.5)
         y_test, p_test = preds["test"]
         metrics = _test_metrics(attributes, y_test, p_test, thresholds)
@@ -545,6 +545,9 @@ def _cache_splits(cfg: Config, splits: dict[str, pa.Table], attributes: list[str
     return out
 
 
+READ_THREADS = 8  # files a decode task reads at once (I/O, so more than its CPUs)
+
+
 def _decode_threads(cpus: float) -> int:
     """Decoding threads of a task that reserves ``cpus`` CPUs: as many as it reserved (>= 1), so
     decode tasks do not take the cores Ray gave the training workers."""
@@ -559,40 +562,17 @@ def _decode_batch(batch: pa.Table, *, size: int, attributes: list[str], storage_
 
     # the extract stage's decoder: the model must see at training time exactly the pixels it
     # will be given at extraction time (centre square crop, bilinear resize, any mode -> RGB)
-    from pipeline.extract import decode_image
-    from pipeline.images import read_limited
+    from pipeline.images import decode_image, read_and_decode
 
     ids = batch["image_id"].to_pylist()
     uris = batch["uri"].to_pylist()
     labels = np.stack([batch[a].to_numpy(zero_copy_only=False) for a in attributes], axis=1) \
         .astype(np.float32)
-
-    def read(uri: str):
-        try:
-            return read_limited(uri, storage_cfg, max_bytes), None
-        except Exception as exc:  # noqa: BLE001 -- any unreadable image becomes an error row
-            return None, f"cannot read/decode image: {exc}"[:500]
-
-    def load(item):
-        data, err = item
-        if err is not None:
-            return None, err
-        try:
-            return decode_image(data, (size,), max_pixels=max_pixels)[0], None
-        except Exception as exc:  # noqa: BLE001 -- any undecodable image becomes an error row
-            return None, f"cannot read/decode image: {exc}"[:500]
-
-    # Reading is I/O bound (S3 round trips): 8 threads overlap requests. Decoding is CPU bound
-    # (PIL releases the GIL): only as many threads as the CPUs the task reserved. Reads go in
-    # windows of 8, so at most 8 files' bytes (each <= data.max_image_bytes) are held at once,
-    # and each image is refused over the size limits before its pixels are decoded.
-    results: list = []
-    with ThreadPoolExecutor(max_workers=8) as readers, \
-            ThreadPoolExecutor(max_workers=decode_threads) as decoders:
-        for start in range(0, len(uris), 8):
-            raw = list(readers.map(read, uris[start:start + 8]))
-            results += list(decoders.map(load, raw))
-            del raw
+    # READ_THREADS reads overlap S3 round trips; decoding gets the CPUs the task reserved
+    results = [(img, err) for _, img, err in read_and_decode(
+        uris, lambda data: decode_image(data, (size,), max_pixels=max_pixels)[0],
+        storage_cfg=storage_cfg, max_bytes=max_bytes, read_threads=READ_THREADS,
+        decode_threads=decode_threads)]
     keep = [i for i, (img, _) in enumerate(results) if img is not None]
     bad = [{"image_id": ids[i], "uri": uris[i], "reason": results[i][1]}
            for i in range(len(ids)) if results[i][0] is None]
@@ -679,15 +659,6 @@ def _predict(cfg: Config, model, splits: dict[str, pa.Table], attributes: list[s
             raise TrainInputError(f"no image of the {s!r} split could be decoded; see errors/")
         out[s] = (y.astype(bool), np.concatenate(ps[s]))
     return out
-
-
-def _tune_thresholds(y: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """Per attribute, the threshold in [0.05, 0.95] with the best val accuracy (ties -> 0.5)."""
-    grid = np.round(np.arange(0.05, 0.951, 0.01), 2)
-    acc = ((p[None, :, :] >= grid[:, None, None]) == y[None]).mean(axis=1)  # (grid, attrs)
-    best = acc.max(axis=0, keepdims=True)
-    cand = np.where(np.isclose(acc, best), np.abs(grid - 0.5)[:, None], np.inf)
-    return grid[cand.argmin(axis=0)]
 
 
 def _test_metrics(attributes: list[str], y: np.ndarray, p: np.ndarray,

@@ -168,7 +168,7 @@ def baseline_loop(cfg: Config, rows: pa.Table, attributes: list[str], steps: int
     from torch import nn
     from torch.utils.data import DataLoader, Dataset
 
-    from pipeline.extract import decode_image
+    from pipeline.images import decode_image
     from pipeline.models import build_attribute_model, normalize_images
 
     t = cfg.train

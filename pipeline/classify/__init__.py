@@ -49,7 +49,8 @@ skipped with the empty cells named. A fit whose sampled rows hold fewer than
 Train / choose / evaluate: models are fitted on the (sampled) ``train`` split; on the ``val``
 split (never undersampled, restricted to the model's cluster for a per-cluster model) the
 decision threshold is chosen that maximises ``classify.threshold_metric`` (candidates: 0.5 and
-the val scores' 1st..99th percentiles; ties go to the one nearest 0.5; ``none`` keeps 0.5);
+the val scores' 1st..99th percentiles; ties go to the one nearest 0.5; ``none`` keeps 0.5;
+the one rule, :mod:`pipeline.thresholds`, that train uses too);
 hyper-parameters are not searched. Optional feature selection (``classify.feature_selection``:
 ``mutual_info`` or forest ``importance``, keeping ``select_k``) runs on the sampled training
 rows of each fit; the chosen columns are the model's ``features`` in ``classifiers/models``.

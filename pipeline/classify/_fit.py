@@ -22,6 +22,7 @@ from pipeline.classify._sampling import SamplingError, proportions, undersample
 from pipeline.classify._tables import model_file, model_key
 from pipeline.config import Config
 from pipeline.seeds import derive_seed
+from pipeline.thresholds import tune_threshold
 
 MODEL_NAMES: tuple[str, ...] = ("random_forest", "logistic_regression", "hist_gradient_boosting")
 
@@ -79,29 +80,6 @@ def select_features(method: str, k: int, X: np.ndarray, y: np.ndarray, names: li
         raise ValueError(f"unknown feature_selection {method!r}")
     top = np.argsort(-score, kind="stable")[:k]
     return sorted(int(i) for i in top)
-
-
-def tune_threshold(y: np.ndarray, score: np.ndarray, metric: str) -> tuple[float, str]:
-    """The decision threshold that maximises ``metric`` on the val rows given.
-
-    Candidates are 0.5 and the val scores' percentiles 1..99; ties go to the candidate closest
-    to 0.5. Returns (threshold, note).
-    """
-    if metric == "none":
-        return 0.5, "fixed at 0.5 (classify.threshold_metric = none)"
-    y = np.asarray(y, bool)
-    if len(y) == 0 or y.all() or (~y).all():
-        return 0.5, "fixed at 0.5: val rows hold a single class"
-    cands = np.unique(np.concatenate([[0.5], np.quantile(score, np.linspace(0.01, 0.99, 99))]))
-    # every candidate at once: an n × T matrix of decisions (cheap even for CelebA's 20k val rows)
-    pred = score[:, None] >= cands[None, :]
-    pos, neg = int(y.sum()), int((~y).sum())
-    tp = (pred & y[:, None]).sum(0)
-    tn = neg - (pred & ~y[:, None]).sum(0)
-    vals = (tp + tn) / len(y) if metric == "accuracy" else (tp / pos + tn / neg) / 2
-    best = np.flatnonzero(vals >= vals.max() - 1e-12)
-    t = float(cands[best[np.argmin(np.abs(cands[best] - 0.5))]])
-    return t, f"max val {metric} = {vals.max():.4f}"
 
 
 @dataclass
