@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.benchmarks.scale import _compare, layout_celeba
+from pipeline.benchmarks.scale import compare_sizes, layout_celeba
 
 
 def _annotations(d: Path, n: int) -> None:
@@ -52,11 +52,11 @@ def test_ratios_flag_what_grows():
            "all_anon_mib": 900.0}
     small = [{**row, "seconds": 10.0}]
     big = [{**row, "seconds": 200.0, "driver_pss_mib": 1000.0, "driver_anon_mib": 500.0}]
-    (r,) = _compare({20000: small, 202599: big}, [20000, 202599])
+    (r,) = compare_sizes({20000: small, 202599: big}, [20000, 202599])
     assert r["time_ratio"] == 20.0 and not r["time_ok"]
     assert r["driver_ratio"] == 2.0 and not r["driver_ok"]
     assert r["driver_anon_ratio"] == 1.25 and r["driver_anon_ok"]
-    (ok,) = _compare({20000: small, 202599: [{**row, "seconds": 100.0}]}, [20000, 202599])
+    (ok,) = compare_sizes({20000: small, 202599: [{**row, "seconds": 100.0}]}, [20000, 202599])
     assert ok["time_ok"] and ok["driver_ok"] and ok["driver_anon_ok"]
 
 

@@ -80,7 +80,7 @@ def run(cfg, features_from: str, images: int = 202599, compare: int = 20000,
     unknown = [s for s in names if s not in DOWNSTREAM]
     if unknown:
         raise ValueError(f"--stages {unknown}: expected some of {list(DOWNSTREAM)}")
-    shared = Path(os.environ.get("FACEAUDIT_REAL_DATA") or scale._SHARED)
+    shared = Path(os.environ.get("FACEAUDIT_REAL_DATA") or scale.SHARED_REAL)
     annotations_dir = Path(annotations) if annotations else shared / "celeba-full"
     images_dir = Path(images_from) if images_from else shared / "celeba" / "img_align_celeba"
     work = Path(workdir) if workdir else Path(tempfile.gettempdir()) / "faceaudit-scale"
@@ -100,8 +100,8 @@ def run(cfg, features_from: str, images: int = 202599, compare: int = 20000,
         results[n] = scale.run_size(cfg, folder, out, stages=names)
         if not keep:
             shutil.rmtree(out, ignore_errors=True)
-    table = scale._compare(results, sizes)
-    scale._print(table, sizes)
+    table = scale.compare_sizes(results, sizes)
+    scale.print_sizes(table, sizes)
     return {"sizes": sizes, "features_from": str(source),
             "per_size": {str(n): r for n, r in results.items()}, "comparison": table,
             "workdir": str(work)}

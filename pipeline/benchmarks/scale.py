@@ -37,7 +37,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-_SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "real"
+SHARED_REAL = Path(__file__).resolve().parents[2].parent / "shared" / "real"
 ANNOTATION_FILES = ("list_attr_celeba.txt", "list_eval_partition.txt", "identity_CelebA.txt")
 DRIVER_GOAL, TIME_GOAL = 1.5, 12.0
 
@@ -161,8 +161,8 @@ def run_size(cfg, root: Path, out: Path, stages: list[str] | None = None) -> lis
 
 def run(cfg, images: int = 202599, compare: int = 20000, workdir: str = "",
         annotations: str = "", images_from: str = "", keep: bool = True) -> dict:
-    annotations_dir = Path(annotations) if annotations else _SHARED / "celeba-full"
-    images_dir = Path(images_from) if images_from else _SHARED / "celeba" / "img_align_celeba"
+    annotations_dir = Path(annotations) if annotations else SHARED_REAL / "celeba-full"
+    images_dir = Path(images_from) if images_from else SHARED_REAL / "celeba" / "img_align_celeba"
     work = Path(workdir) if workdir else Path(tempfile.gettempdir()) / "faceaudit-scale"
     work.mkdir(parents=True, exist_ok=True)
     sizes = sorted({int(compare), int(images)})
@@ -177,13 +177,13 @@ def run(cfg, images: int = 202599, compare: int = 20000, workdir: str = "",
         results[n] = run_size(cfg, folder, out)
         if not keep:
             shutil.rmtree(out, ignore_errors=True)
-    table = _compare(results, sizes)
-    _print(table, sizes)
+    table = compare_sizes(results, sizes)
+    print_sizes(table, sizes)
     return {"sizes": sizes, "per_size": {str(n): r for n, r in results.items()},
             "comparison": table, "workdir": str(work)}
 
 
-def _compare(results: dict[int, list[dict]], sizes: list[int]) -> list[dict]:
+def compare_sizes(results: dict[int, list[dict]], sizes: list[int]) -> list[dict]:
     if len(sizes) < 2:
         return []
     small, big = sizes[0], sizes[-1]
@@ -210,7 +210,7 @@ def _compare(results: dict[int, list[dict]], sizes: list[int]) -> list[dict]:
     return out
 
 
-def _print(table: list[dict], sizes: list[int]) -> None:
+def print_sizes(table: list[dict], sizes: list[int]) -> None:
     if not table:
         return
     print(f"{'stage':<18}{'s@' + str(sizes[0]):>10}{'s@' + str(sizes[-1]):>12}{'x':>7}"
