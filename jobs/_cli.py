@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Callable, Optional
 
@@ -14,11 +15,19 @@ from pipeline.storage import StorageError
 ConfigOpt = typer.Option(..., "--config", "-c", help="TOML run config (jobs/configs/*.toml)")
 SetOpt = typer.Option(None, "--set", "-s", help="Override: section.key=value (TOML value)")
 ForceOpt = typer.Option(None, "--force", "-f", help="Rerun this stage (and its dependants)")
+VerboseOpt = typer.Option(False, "--verbose", "-v",
+                          help="Ray's own warnings on the console too (else in Ray's log folder)")
 
 
-def setup_logging() -> None:
+def setup_logging(verbose: bool = False) -> None:
+    """The stages' lines on the console; ``verbose`` also keeps Ray's own warnings there (set
+    for the workers too, through the environment they inherit: pipeline.ray_runtime)."""
     from rich.logging import RichHandler
 
+    from pipeline.ray_runtime import VERBOSE_ENV
+
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
     logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="%H:%M:%S",
                         handlers=[RichHandler(show_path=False, rich_tracebacks=False)])
 
@@ -48,8 +57,9 @@ def stage_app(stage: str) -> typer.Typer:
 
     @app.command()
     def main(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
-             force: bool = typer.Option(False, "--force", help="Rerun even if complete")) -> None:
-        setup_logging()
+             force: bool = typer.Option(False, "--force", help="Rerun even if complete"),
+             verbose: bool = VerboseOpt) -> None:
+        setup_logging(verbose)
         cfg = load(config, set_)
         from pipeline.run import run_stage
 

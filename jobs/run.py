@@ -7,15 +7,15 @@ from typing import Optional
 
 import typer
 
-from jobs._cli import ConfigOpt, ForceOpt, SetOpt, guarded, load, setup_logging
+from jobs._cli import ConfigOpt, ForceOpt, SetOpt, VerboseOpt, guarded, load, setup_logging
 
 app = typer.Typer(add_completion=False, help="Run every stage in order, skipping complete ones.")
 
 
 @app.command()
 def main(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
-         force: Optional[list[str]] = ForceOpt) -> None:
-    setup_logging()
+         force: Optional[list[str]] = ForceOpt, verbose: bool = VerboseOpt) -> None:
+    setup_logging(verbose)
     cfg = load(config, set_)
     from pipeline.run import run_all
     from pipeline.storage import join_uri

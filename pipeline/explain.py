@@ -82,6 +82,7 @@ from pipeline.classify import DATASET_TABLE as CLASSIFY_DATASET
 from pipeline.classify import MODELS_TABLE as CLASSIFY_MODELS
 from pipeline.classify import model_key, read_models
 from pipeline.config import Config
+from pipeline.progress import Progress
 from pipeline.seeds import sample_indices
 from pipeline.stages import StageSkipped
 
@@ -777,6 +778,7 @@ def run(cfg: Config) -> dict:
     by_ref = {p[0]: p[1:] for p in pending}
     waiting = [p[0] for p in pending]
     computed = 0
+    progress = Progress("explain", "SHAP blocks", len(waiting), unit="blocks")
     try:
         while waiting:
             done, waiting = ray.wait(waiting, num_returns=1)
@@ -801,6 +803,7 @@ def run(cfg: Config) -> dict:
             unit.add(res["values"], matrix(idx, list(unit.spec.features)), cl, res["base"],
                      ec.plot_rows)
             computed += 1
+            progress.add()
     except BaseException:
         for ref in waiting:
             ray.cancel(ref)

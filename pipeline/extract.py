@@ -65,6 +65,7 @@ from pipeline.config import Config, DataConfig, StorageConfig
 # the decoders live in pipeline.images (train uses them too); re-exported here for the tests
 from pipeline.images import (BadImage, decode_image, decode_rgb, original_pixels,  # noqa: F401
                              read_and_decode, square_crops)
+from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -825,9 +826,11 @@ def run(cfg: Config) -> dict:
         pending: dict[int, list[pa.Table]] = {}
         got: dict[int, int] = {}
         writer = _ShardWriter(cfg, schema, metadata, e.commit_queue_shards)
+        progress = Progress(STAGE, "images", sum(expected.values()), unit="images")
         ok = False
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                progress.add(batch.num_rows)
                 # blocks may arrive out of order; buffer per shard, commit a shard once complete
                 for s in pc.unique(batch["shard"]).to_pylist():
                     part = batch.filter(pc.equal(batch["shard"], s))

@@ -46,6 +46,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from pipeline import storage, tables
 from pipeline.config import Config
+from pipeline.progress import LineRelay, relay_logs_to
 from pipeline.seeds import derive_seed
 from pipeline.stages import StageSkipped
 from pipeline.thresholds import tune_thresholds
@@ -169,6 +170,7 @@ def _run(cfg: Config, *, fail_after_epoch: int | None = None) -> dict:
         steps_per_epoch = min(steps_per_epoch, t.max_steps_per_epoch)
 
     error_log = ray.remote(num_cpus=0)(_ErrorLog).remote()
+    lines = LineRelay()  # the workers' epoch and step lines to this console
     # decoded once into the object store when it fits (decoding overlaps Ray Train's start-up),
     # else a Ray Data pipeline per split that decodes again every epoch
     cache = _cache_splits(cfg, {s: splits[s] for s in ("train", "val")}, attributes, error_log)
@@ -184,7 +186,7 @@ def _run(cfg: Config, *, fail_after_epoch: int | None = None) -> dict:
         "max_steps_per_epoch": t.max_steps_per_epoch, "drop_last": drop_last,
         "shuffle_buffer": t.shuffle_buffer_batches * t.batch_size,
         "log_every": t.log_every_steps, "use_gpu": use_gpu, "fail_after_epoch": fail_after_epoch,
-        "prefetch_batches": t.prefetch_batches, "cache": cache,
+        "prefetch_batches": t.prefetch_batches, "cache": cache, "log_relay": lines.actor,
     }
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     run_config = RunConfig(
@@ -248,6 +250,7 @@ def _run(cfg: Config, *, fail_after_epoch: int | None = None) -> dict:
         errors = label_errors + ray.get(error_log.rows.remote())
         tables.write_errors(cfg, STAGE, errors)  # always: a rerun replaces older error rows
         ray.kill(error_log)
+        lines.close()
     log.info("[%s] best epoch %d (val mean acc %.4f); test mean accuracy %.4f vs majority "
              "baseline %.4f; %d unusable image(s) in errors/", STAGE, best["epoch"],
              best_row[SCORE], mean["accuracy"], mean["majority_baseline"], len(errors))
@@ -892,6 +895,7 @@ def _train_loop(c: dict) -> None:
     from pipeline.config import StorageConfig
     from pipeline.models import build_attribute_model
 
+    relay_logs_to(c.get("log_relay"))  # this worker's [train_attributes] lines to the console
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if c["use_gpu"]:  # before anything touches CUDA: a driver / build mismatch, one message

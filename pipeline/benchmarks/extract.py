@@ -28,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline.benchmarks import headline
 from pipeline.benchmarks.memory import MemorySampler
 
 log = logging.getLogger(__name__)
@@ -149,9 +150,8 @@ def run(cfg, images: int = 0, memory: bool = False, bare_seconds: float = 20.0,
             out["peak_pss_driver_mib"] = round(sampler.peak_driver / 2**20, 1)
             out["peak_pss_driver_plus_ray_mib"] = round(sampler.peak_total / 2**20, 1)
             out["peak_anon_pss_driver_plus_ray_mib"] = round(sampler.peak_anon / 2**20, 1)
-        for k in ("a_bare_models_images_per_s", "b_pipeline_images_per_s", "ratio_b_over_a"):
-            print(f"{k}: {out[k]}")
-        return out
+        return headline(out, ("a_bare_models_images_per_s", "b_pipeline_images_per_s",
+                              "ratio_b_over_a"))
     finally:
         if not keep:
             shutil.rmtree(tmp, ignore_errors=True)

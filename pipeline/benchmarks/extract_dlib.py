@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline.benchmarks import headline
+
 log = logging.getLogger(__name__)
 
 
@@ -119,9 +121,8 @@ def run(cfg, images: int = 2000, root: str = "", keep: bool = False,
             "output_root": str(tmp / "run") if keep else None,
             "error_rows": result["error_rows"],
         }
-        for k in ("a_bare_dlib_images_per_s", "b_pipeline_images_per_s", "ratio_b_over_a"):
-            print(f"{k}: {out[k]}")
-        return out
+        return headline(out, ("a_bare_dlib_images_per_s", "b_pipeline_images_per_s",
+                              "ratio_b_over_a"))
     finally:
         if not keep:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -22,6 +22,7 @@ from pipeline.classify._tables import (DATASET_TABLE, FINDINGS_TABLE, METRICS_SC
                                        MODELS_SCHEMA, MODELS_TABLE, PREDICTIONS_SCHEMA,
                                        PREDICTIONS_TABLE, Settings)
 from pipeline.config import Config
+from pipeline.progress import gather
 from pipeline.seeds import derive_seed
 from pipeline.stages import StageSkipped
 
@@ -193,11 +194,13 @@ def execute(cfg: Config, inputs: Inputs, specs: list[FitSpec], out_root: str,
         opts = {"num_cpus": cfg.classify.cpus_per_task}
         fit_task = ray.remote(fit_one).options(**opts)
         data_ref = ray.put(inputs.arrays())
-        results = ray.get([fit_task.remote(data_ref, s, cfg, out_root) for s in specs])
+        results = gather([fit_task.remote(data_ref, s, cfg, out_root) for s in specs],
+                         "classify", "fits", unit="fits")
         t1 = time.perf_counter()
         ev_ref = ray.put(ev)
         eval_task = ray.remote(evaluate_one).options(**opts)
-        parts = ray.get([eval_task.remote(ev_ref, e) for e in _evaluations(results)])
+        parts = gather([eval_task.remote(ev_ref, e) for e in _evaluations(results)],
+                       "classify", "evaluations", unit="tasks")
     elif mode == "sequential":
         data = inputs.arrays()
         results = [fit_one(data, s, cfg, out_root) for s in specs]

@@ -18,6 +18,7 @@ from pipeline.cluster._schemas import (ASSIGNMENTS_SCHEMA, CENTROID_DISTANCES_SC
                                        PROFILES_SCHEMA, Settings, sweep_schema)
 from pipeline.cluster._spaces import BUILDERS, Inputs, Space, load_inputs
 from pipeline.config import Config
+from pipeline.progress import gather
 from pipeline.seeds import derive_seed, sample_indices
 from pipeline.stages import StageSkipped
 
@@ -117,9 +118,10 @@ def run_sweep(jobs: list[SpaceJob], specs: dict[str, list[SweepSpec]], parallel:
         opts = {"num_returns": 1 + len(chunk), **({"memory": mem} if mem else {})}
         refs[i] = task.options(**opts).remote(x_ref, chunk, s_ref, sil_ref, ref_ref)
     by_spec = {}
-    for (j, chunk), out in zip(todo, refs):
+    sweep_rows = gather([out[0] for out in refs], STAGE, "sweep", unit="tasks")
+    for (j, chunk), out, rows in zip(todo, refs, sweep_rows):
         labels = ray.get(out[1:]) if fetch_labels else out[1:]
-        for s, row, lab in zip(chunk, ray.get(out[0]), labels):
+        for s, row, lab in zip(chunk, rows, labels):
             by_spec[(j.space.name, id(s))] = (row, lab)
     return [by_spec[(j.space.name, id(s))] for j in jobs for s in specs[j.space.name]]
 
