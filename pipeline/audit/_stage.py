@@ -103,8 +103,9 @@ def _embedding_batches(cfg: Config, ids: pl.Series):
     loc = tables.location(cfg, "features")
     ds = pads.dataset(storage.parquet_files(loc), filesystem=loc.fs, format="parquet")
     value_set = ids.to_arrow()
-    for batch in ds.to_batches(columns=["image_id", "embedding"],
-                               batch_size=cfg.audit.block_rows):
+    # one file and one batch read ahead: the defaults buffer several files' embeddings
+    for batch in ds.to_batches(columns=["image_id", "embedding"], batch_size=cfg.audit.block_rows,
+                               batch_readahead=1, fragment_readahead=1):
         if batch.num_rows == 0:
             continue
         pos = pc.index_in(batch.column(0), value_set=value_set)
