@@ -1,4 +1,5 @@
-"""The one reader of saved classifier files (``classifiers/models/*.skops``).
+"""The one reader of saved classifier files (``classifiers/model_files/*.skops``, listed by the
+``classifiers/models`` index).
 
 A model file lives under ``output.root``, which may be a shared S3 prefix: anyone who can write
 there can plant a file. skops rebuilds only the types it is told to trust, so the trust list is a

@@ -4,7 +4,10 @@ features/errors rows account for every manifest image, and a rerun skips every s
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -93,6 +96,21 @@ def test_tables_match_their_declared_schemas(finished_run):
     _same(values, explain.values_schema(feature_cols), "shap values")
 
 
+_SPARK_COUNTS = """
+import json, sys
+from pyspark.sql import SparkSession
+folders = json.loads(sys.argv[1])
+spark = (SparkSession.builder.master("local[1]").appName("faceaudit-table-folders")
+         .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "1")
+         .getOrCreate())
+try:
+    counts = {name: spark.read.parquet(path).count() for name, path in folders.items()}
+finally:
+    spark.stop()
+print(json.dumps(counts))
+"""
+
+
 def _table_folders(root: Path) -> dict[str, Path]:
     """Every folder of the run that holds a Parquet file, by its name under the root."""
     out = {}
@@ -105,7 +123,6 @@ def _table_folders(root: Path) -> dict[str, Path]:
 def test_every_table_folder_is_only_parquet_and_opens_in_spark_duckdb_polars(finished_run):
     import duckdb
     import polars as pl
-    from pyspark.sql import SparkSession
 
     cfg, _ = finished_run
     root = Path(cfg.output.root)
@@ -123,19 +140,18 @@ def test_every_table_folder_is_only_parquet_and_opens_in_spark_duckdb_polars(fin
         assert not others, f"{name}/ mixes {others} with its Parquet files"
 
     rows = {name: tables.read(cfg, name).num_rows for name in folders}
-    spark = (SparkSession.builder.master("local[1]").appName("faceaudit-table-folders")
-             .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "1")
-             .getOrCreate())
-    try:
-        for name, folder in folders.items():
-            # a user's read of a table folder: the folder itself, no file list
-            assert spark.read.parquet(str(folder)).count() == rows[name], f"spark: {name}"
-    finally:
-        spark.stop()
+    # A user's read of each folder as a whole, in one SparkSession of its own process: pyspark
+    # starts its JVM with a preexec_fn fork, which can deadlock in a process running Ray's
+    # threads (seen here: a forked child stuck on a lock, never reaching exec).
+    got = json.loads(subprocess.run(
+        [sys.executable, "-c", _SPARK_COUNTS, json.dumps({n: str(f) for n, f in folders.items()})],
+        check=True, capture_output=True, text=True, timeout=900).stdout.splitlines()[-1])
+    for name in folders:
+        assert got[name] == rows[name], f"spark: {name} has {got[name]} rows, not {rows[name]}"
     for name, folder in folders.items():
         glob = str(folder / "*.parquet")
         assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{glob}', union_by_name=true)"
-                          ).fetchone()[0] == rows[name], f"duckdb: {name}"
+                          ).fetchall()[0][0] == rows[name], f"duckdb: {name}"
         assert pl.scan_parquet(glob).select(pl.len()).collect().item() == rows[name], \
             f"polars: {name}"
 
