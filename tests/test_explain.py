@@ -285,3 +285,24 @@ def test_cluster_model_without_test_rows_is_skipped_with_reason(tmp_path, ray_se
     assert set(values["trained_on"].to_pylist()) == {"global", "cluster_0", "cluster_1",
                                                      "cluster_2"}
     assert 3 not in set(values["cluster"].to_pylist())
+
+
+def test_tree_values_add_up_for_rows_on_a_split_threshold():
+    """Background rows within float32 rounding of a split threshold: sklearn's trees compare in
+    float32, so the explainer must see them as the model does (this broke on real CelebA: the
+    base value was off by one row's routing)."""
+    from sklearn.tree import DecisionTreeClassifier
+
+    X = np.array([[0.1], [0.2], [0.3], [0.4]])
+    y = np.array([False, False, True, True])
+    model = DecisionTreeClassifier(random_state=0).fit(X, y)
+    t = model.tree_.threshold[0]
+    # a float64 value above the threshold whose float32 rounding is at or below it
+    v = next(x for x in (np.nextafter(t, 1.0) + i * 1e-17 for i in range(1, 10_000))
+             if x > t and np.float32(x) <= t)
+    background = np.array([[v], [v], [0.35]])  # shap walks the background in float64
+    rows = np.array([[v], [0.35], [0.15]])
+    res = explain.explain_block("test-threshold-row", model, background, rows)
+    kind = explain.explainer_kind(model)
+    np.testing.assert_allclose(res["output"], explain.model_output(model, rows, kind["output"]))
+    explain.check_additivity(res["values"], res["base"], res["output"], 1e-9, "tree", 0)
