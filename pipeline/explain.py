@@ -258,7 +258,9 @@ def explain_rows(model, explainer, X: np.ndarray) -> tuple[np.ndarray, float, np
     Xt = _transform(pre, X)
     if kind["explainer"] == "tree":
         # shap's own check is off: ours runs on every block with the configured tolerance.
-        raw = explainer.shap_values(as_tree_input(Xt), check_additivity=False)
+        # forests compare in float32 (see as_tree_input); histogram boosting bins in float64
+        rows = as_tree_input(Xt) if kind["perturbation"] == "interventional" else Xt
+        raw = explainer.shap_values(rows, check_additivity=False)
     else:
         raw = explainer.shap_values(Xt)
     vals = np.asarray(raw, dtype=np.float64)
