@@ -676,13 +676,87 @@ def _content_key(model_digest: str, kind: dict, background: np.ndarray, X: np.nd
 
 def run(cfg: Config) -> dict:
     """Explain every selected model; write shap/values, importance, comparison and plots."""
-    import ray
-
     from pipeline.ray_runtime import cluster_cpus, ensure_ray
 
     t0 = time.time()
-    ec = cfg.explain
     specs = _read_specs(cfg)
+    ds = _read_keys(cfg, specs)
+    _read_samples(cfg, specs, ds)
+    ensure_ray(cfg)
+    existing = _existing_keys(cfg)
+    plan = _Plan()
+    for spec in specs:
+        _plan_model(cfg, spec, ds, existing, plan)
+    _drop_stale_parts(cfg, existing, plan.planned)
+    worst, computed = _collect(cfg, ds, plan)
+    shap_seconds = time.time() - t0
+    importance, comparison = _write_summaries(cfg, plan.units)
+    t_plots = time.time()
+    plots = _write_plots(cfg, plan.units)
+
+    units, kinds = plan.units, plan.kinds
+    rows_explained = sum(u.counts.get(u.spec.cluster, 0) for u in units)
+    seconds = time.time() - t0
+    log.info("[explain] %d rows of %d models in %.1f s (SHAP %.1f s), %d plots", rows_explained,
+             len(units), seconds, shap_seconds, len(plots))
+    return {
+        "models": len(units), "rows": rows_explained, "blocks": plan.blocks_total,
+        "blocks_computed": computed, "blocks_reused": plan.reused,
+        "importance_rows": len(importance), "comparison_rows": len(comparison),
+        "plots": len(plots), "max_additivity_error": worst, "cpus": cluster_cpus(),
+        "seconds": round(seconds, 2), "shap_seconds": round(shap_seconds, 2),
+        "plot_seconds": round(time.time() - t_plots, 2),
+        "explainers": {label: f"{k['explainer']}/{k['perturbation']}/{k['output']}"
+                       for label, k in kinds.items()},
+        "skipped": plan.skipped,
+        "most_different_from_global": _most_different(comparison),
+    }
+
+
+@dataclass
+class _Dataset:
+    """``classifiers/dataset`` as the stage uses it: the row keys sorted by image_id, and the
+    feature values of the sampled rows alone (filled by ``_read_samples``)."""
+
+    features: list[str]
+    schema: pa.Schema  # of shap/values
+    image_ids: pa.Array
+    is_test: np.ndarray
+    is_train: np.ndarray
+    has_cluster: np.ndarray
+    cluster_col: np.ndarray  # -1 where no cluster
+    # scope -> (test rows, train rows, explained rows, background rows)
+    samples: dict = field(default_factory=dict)
+    needed: np.ndarray | None = None  # sorted rows whose values X_needed holds
+    X_needed: np.ndarray | None = None
+    col_of: dict = field(default_factory=dict)
+
+    def clusters_of(self, idx: np.ndarray) -> list:
+        return [None if not self.has_cluster[i] else int(self.cluster_col[i]) for i in idx]
+
+    def matrix(self, idx: np.ndarray, cols: list[str]) -> np.ndarray:
+        """Feature values of the (sorted-table) rows ``idx``, columns ``cols``."""
+        return self.X_needed[np.searchsorted(self.needed, idx)][:, [self.col_of[f] for f in cols]]
+
+
+@dataclass
+class _Plan:
+    """What the models need: per model its running sums, the blocks submitted to Ray and how
+    many blocks were reused from the last run."""
+
+    units: list[_Unit] = field(default_factory=list)
+    # (ref, unit, block index, rows index, part name, content key); results stream in later
+    pending: list = field(default_factory=list)
+    planned: set = field(default_factory=set)  # part names this run writes or keeps
+    kinds: dict = field(default_factory=dict)  # model label -> explainer kind
+    # model label -> why it was not explained (in run.json)
+    skipped: dict = field(default_factory=dict)
+    blocks_total: int = 0
+    reused: int = 0
+
+
+def _read_keys(cfg: Config, specs: list[ModelSpec]) -> _Dataset:
+    """The row keys of ``classifiers/dataset`` (after checking it has every model's columns)."""
     if not tables.exists(cfg, CLASSIFY_DATASET):
         raise ExplainError(f"no {CLASSIFY_DATASET} table under {cfg.output.root}; run the "
                            "classify stage first")
@@ -699,98 +773,98 @@ def run(cfg: Config) -> dict:
     # 202,599 x 39) and explain uses at most max_rows + background_rows rows of each scope.
     data = tables.read(cfg, CLASSIFY_DATASET, columns=["image_id", "split", "cluster"])
     data = data.sort_by("image_id")
-    image_ids = data["image_id"].combine_chunks()
-    is_test = pc.equal(data["split"], "test").to_numpy(zero_copy_only=False)
-    is_train = pc.equal(data["split"], "train").to_numpy(zero_copy_only=False)
-    has_cluster = pc.is_valid(data["cluster"]).to_numpy(zero_copy_only=False)
-    cluster_col = data["cluster"].fill_null(-1).to_numpy().astype(np.int64)
-    del data
+    return _Dataset(
+        features=features, schema=schema, image_ids=data["image_id"].combine_chunks(),
+        is_test=pc.equal(data["split"], "test").to_numpy(zero_copy_only=False),
+        is_train=pc.equal(data["split"], "train").to_numpy(zero_copy_only=False),
+        has_cluster=pc.is_valid(data["cluster"]).to_numpy(zero_copy_only=False),
+        cluster_col=data["cluster"].fill_null(-1).to_numpy().astype(np.int64))
 
-    def clusters_of(idx: np.ndarray) -> list:
-        return [None if not has_cluster[i] else int(cluster_col[i]) for i in idx]
 
-    # Each scope's explained rows and background, then their feature values in one pass.
-    samples = {}
+def _read_samples(cfg: Config, specs: list[ModelSpec], ds: _Dataset) -> None:
+    """Each scope's explained rows and background, then their feature values in one pass."""
+    ec = cfg.explain
     for spec in specs:
-        if spec.trained_on in samples:
+        if spec.trained_on in ds.samples:
             continue
-        scope = _scope_mask(cluster_col, has_cluster, spec)
-        test_idx, train_idx = np.flatnonzero(scope & is_test), np.flatnonzero(scope & is_train)
+        scope = _scope_mask(ds.cluster_col, ds.has_cluster, spec)
+        test_idx = np.flatnonzero(scope & ds.is_test)
+        train_idx = np.flatnonzero(scope & ds.is_train)
         # Shared by every model with the same scope, so their rows and background line up.
-        samples[spec.trained_on] = (
+        ds.samples[spec.trained_on] = (
             len(test_idx), len(train_idx),
             _sample(test_idx, ec.max_rows, cfg.run.seed, "rows", spec.trained_on),
             _sample(train_idx, ec.background_rows, cfg.run.seed, "background", spec.trained_on))
-    needed = np.unique(np.concatenate([np.r_[r, b] for _, _, r, b in samples.values()]
-                                      or [np.zeros(0, np.int64)]).astype(np.int64))
-    X_needed = _read_rows(cfg, image_ids.take(pa.array(needed)), features)
-    col_of = {f: j for j, f in enumerate(features)}
+    ds.needed = np.unique(np.concatenate([np.r_[r, b] for _, _, r, b in ds.samples.values()]
+                                         or [np.zeros(0, np.int64)]).astype(np.int64))
+    ds.X_needed = _read_rows(cfg, ds.image_ids.take(pa.array(ds.needed)), ds.features)
+    ds.col_of = {f: j for j, f in enumerate(ds.features)}
 
-    def matrix(idx: np.ndarray, cols: list[str]) -> np.ndarray:
-        """Feature values of the (sorted-table) rows ``idx``, columns ``cols``."""
-        return X_needed[np.searchsorted(needed, idx)][:, [col_of[f] for f in cols]]
 
-    ensure_ray(cfg)
-    existing = _existing_keys(cfg)
-    planned: set[str] = set()
-    units: list[_Unit] = []
-    # (ref, unit, block index, rows index, part name, content key); results stream in below.
-    pending: list = []
-    reused = 0
-    blocks_total = 0
-    kinds: dict[str, dict] = {}
-    skipped: dict[str, str] = {}  # model label -> why it was not explained (in run.json)
-    for spec in specs:
-        n_test, n_train, rows, bg_idx = samples[spec.trained_on]
-        if n_train == 0:
-            raise ExplainError(f"model {spec.label}: no train rows of its scope in "
-                               "classifiers/dataset to draw a background from")
-        if n_test == 0:
-            # A small cluster can have train rows and no test rows: nothing to explain there.
-            skipped[spec.label] = "no test rows in its scope"
-            log.warning("[explain] %s skipped: no test rows in its scope", spec.label)
+def _plan_model(cfg: Config, spec: ModelSpec, ds: _Dataset, existing: dict, plan: _Plan) -> None:
+    """One model: reuse the blocks the last run wrote with the same content key, submit the
+    others to Ray (their refs go to ``plan.pending``)."""
+    ec = cfg.explain
+    n_test, n_train, rows, bg_idx = ds.samples[spec.trained_on]
+    if n_train == 0:
+        raise ExplainError(f"model {spec.label}: no train rows of its scope in "
+                           "classifiers/dataset to draw a background from")
+    if n_test == 0:
+        # A small cluster can have train rows and no test rows: nothing to explain there.
+        plan.skipped[spec.label] = "no test rows in its scope"
+        log.warning("[explain] %s skipped: no test rows in its scope", spec.label)
+        return
+    cols = list(spec.features)
+    background = ds.matrix(bg_idx, cols)
+    model, digest = load_model(cfg, spec)
+    kind = explainer_kind(model)
+    plan.kinds[spec.label] = kind
+    unit = _Unit(spec, kind["output"])
+    plan.units.append(unit)
+    todo_blocks, todo_meta = [], []
+    for b, start in enumerate(range(0, len(rows), ec.block_rows)):
+        idx = rows[start:start + ec.block_rows]
+        part = _part_name(spec, b)
+        plan.planned.add(part)
+        X_idx = ds.matrix(idx, cols)
+        key = _content_key(digest, kind, background, X_idx, ds.schema)
+        plan.blocks_total += 1
+        if part in existing and existing[part][1] == key:
+            t = _read_part(existing[part][0], tables.location(cfg, VALUES).fs)
+            vals = np.column_stack([t[f].to_numpy(zero_copy_only=False) for f in cols])
+            unit.add(vals, X_idx, ds.clusters_of(idx),
+                     float(t["base_value"][0].as_py()), ec.plot_rows)
+            plan.reused += 1
             continue
-        cols = list(spec.features)
-        background = matrix(bg_idx, cols)
-        model, digest = load_model(cfg, spec)
-        kind = explainer_kind(model)
-        kinds[spec.label] = kind
-        unit = _Unit(spec, kind["output"])
-        units.append(unit)
-        todo_blocks, todo_meta = [], []
-        for b, start in enumerate(range(0, len(rows), ec.block_rows)):
-            idx = rows[start:start + ec.block_rows]
-            part = _part_name(spec, b)
-            planned.add(part)
-            X_idx = matrix(idx, cols)
-            key = _content_key(digest, kind, background, X_idx, schema)
-            blocks_total += 1
-            if part in existing and existing[part][1] == key:
-                t = _read_part(existing[part][0], tables.location(cfg, VALUES).fs)
-                vals = np.column_stack([t[f].to_numpy(zero_copy_only=False) for f in cols])
-                unit.add(vals, X_idx, clusters_of(idx),
-                         float(t["base_value"][0].as_py()), ec.plot_rows)
-                reused += 1
-                continue
-            todo_blocks.append(X_idx)
-            todo_meta.append((unit, b, idx, part, key))
-        if todo_blocks:
-            # The workers' explainer cache key: this model file with this background.
-            cache_key = hashlib.sha256(digest.encode() + background.tobytes()).hexdigest()
-            refs = submit_blocks(model, background, todo_blocks, cache_key, ec.cpus_per_task)
-            pending += [(r, *m) for r, m in zip(refs, todo_meta)]
-        log.info("[explain] %s: %d rows in %d blocks (%s, %s), background %d", spec.label,
-                 len(rows), -(-len(rows) // ec.block_rows), kind["explainer"], kind["output"],
-                 len(bg_idx))
-    # Remove parts a previous run planned and this one does not (other block size, models).
+        todo_blocks.append(X_idx)
+        todo_meta.append((unit, b, idx, part, key))
+    if todo_blocks:
+        # The workers' explainer cache key: this model file with this background.
+        cache_key = hashlib.sha256(digest.encode() + background.tobytes()).hexdigest()
+        refs = submit_blocks(model, background, todo_blocks, cache_key, ec.cpus_per_task)
+        plan.pending += [(r, *m) for r, m in zip(refs, todo_meta)]
+    log.info("[explain] %s: %d rows in %d blocks (%s, %s), background %d", spec.label,
+             len(rows), -(-len(rows) // ec.block_rows), kind["explainer"], kind["output"],
+             len(bg_idx))
+
+
+def _drop_stale_parts(cfg: Config, existing: dict, planned: set) -> None:
+    """Remove parts a previous run planned and this one does not (other block size, models)."""
     vloc = tables.location(cfg, VALUES)
     for name, (path, _) in existing.items():
         if name not in planned:
             vloc.fs.delete_file(path)
 
+
+def _collect(cfg: Config, ds: _Dataset, plan: _Plan) -> tuple[float, int]:
+    """Write each block's values as it finishes and add it to its model's sums; returns the
+    worst additivity error and the number of blocks computed."""
+    import ray
+
+    ec = cfg.explain
     worst = 0.0
-    by_ref = {p[0]: p[1:] for p in pending}
-    waiting = [p[0] for p in pending]
+    by_ref = {p[0]: p[1:] for p in plan.pending}
+    waiting = [p[0] for p in plan.pending]
     computed = 0
     progress = Progress("explain", "SHAP blocks", len(waiting), unit="blocks")
     try:
@@ -801,20 +875,9 @@ def run(cfg: Config) -> dict:
             res = ray.get(ref)
             worst = max(worst, check_additivity(res["values"], res["base"], res["output"],
                                                 ec.additivity_tol, unit.spec.label, b))
-            cl = clusters_of(idx)
-            row = {"image_id": image_ids.take(pa.array(idx)), "model": [unit.spec.model] * len(idx),
-                   "sampling": [unit.spec.sampling] * len(idx),
-                   "trained_on": [unit.spec.trained_on] * len(idx), "cluster": cl,
-                   "output": [unit.output] * len(idx), "base_value": [res["base"]] * len(idx),
-                   "model_output": res["output"]}
-            for j, f in enumerate(unit.spec.features):
-                row[f] = res["values"][:, j]
-            cols_ = {f.name: row.get(f.name, pa.nulls(len(idx), pa.float64()))
-                     for f in schema}
-            tables.write(cfg, VALUES, pa.table(cols_, schema=schema), schema=schema, part=part,
-                         metadata={"explain_key": key,
-                                   "explainer": json.dumps(kinds[unit.spec.label])})
-            unit.add(res["values"], matrix(idx, list(unit.spec.features)), cl, res["base"],
+            cl = ds.clusters_of(idx)
+            _write_block(cfg, ds, unit, idx, cl, res, part, key, plan.kinds[unit.spec.label])
+            unit.add(res["values"], ds.matrix(idx, list(unit.spec.features)), cl, res["base"],
                      ec.plot_rows)
             computed += 1
             progress.add()
@@ -822,36 +885,43 @@ def run(cfg: Config) -> dict:
         for ref in waiting:
             ray.cancel(ref)
         raise
+    return worst, computed
 
-    shap_seconds = time.time() - t0
+
+def _write_block(cfg: Config, ds: _Dataset, unit: _Unit, idx: np.ndarray, cl: list, res: dict,
+                 part: str, key: str, kind: dict) -> None:
+    """One block's ``shap/values`` part, with its content key and explainer in the metadata."""
+    schema = ds.schema
+    row = {"image_id": ds.image_ids.take(pa.array(idx)), "model": [unit.spec.model] * len(idx),
+           "sampling": [unit.spec.sampling] * len(idx),
+           "trained_on": [unit.spec.trained_on] * len(idx), "cluster": cl,
+           "output": [unit.output] * len(idx), "base_value": [res["base"]] * len(idx),
+           "model_output": res["output"]}
+    for j, f in enumerate(unit.spec.features):
+        row[f] = res["values"][:, j]
+    cols_ = {f.name: row.get(f.name, pa.nulls(len(idx), pa.float64())) for f in schema}
+    tables.write(cfg, VALUES, pa.table(cols_, schema=schema), schema=schema, part=part,
+                 metadata={"explain_key": key, "explainer": json.dumps(kind)})
+
+
+def _write_summaries(cfg: Config, units: list[_Unit]) -> tuple[list[dict], list[dict]]:
+    """``shap/importance`` and ``shap/comparison``; returns their rows."""
     importance = _importance_rows(units)
     tables.replace(cfg, IMPORTANCE, pa.Table.from_pylist(importance, schema=IMPORTANCE_SCHEMA),
                    schema=IMPORTANCE_SCHEMA)
-    comparison = _comparison_rows(units, ec.top_k)
+    comparison = _comparison_rows(units, cfg.explain.top_k)
     tables.replace(cfg, COMPARISON, pa.Table.from_pylist(comparison, schema=COMPARISON_SCHEMA),
                    schema=COMPARISON_SCHEMA)
-    t_plots = time.time()
-    plots = _plots(units, ec.top_k)
+    return importance, comparison
+
+
+def _write_plots(cfg: Config, units: list[_Unit]) -> dict[str, bytes]:
+    """The beeswarm PNGs under ``shap/plots`` (a previous run's other plots removed)."""
+    plots = _plots(units, cfg.explain.top_k)
     ploc = tables.location(cfg, PLOTS)
     for name, png in plots.items():
         storage.write_bytes(ploc.join(name), png)
     for info in storage.list_files(ploc):
         if info.path.rsplit("/", 1)[-1] not in plots:
             ploc.fs.delete_file(info.path)  # a plot of a model this run no longer explains
-
-    rows_explained = sum(u.counts.get(u.spec.cluster, 0) for u in units)
-    seconds = time.time() - t0
-    log.info("[explain] %d rows of %d models in %.1f s (SHAP %.1f s), %d plots", rows_explained,
-             len(units), seconds, shap_seconds, len(plots))
-    return {
-        "models": len(units), "rows": rows_explained, "blocks": blocks_total,
-        "blocks_computed": computed, "blocks_reused": reused,
-        "importance_rows": len(importance), "comparison_rows": len(comparison),
-        "plots": len(plots), "max_additivity_error": worst, "cpus": cluster_cpus(),
-        "seconds": round(seconds, 2), "shap_seconds": round(shap_seconds, 2),
-        "plot_seconds": round(time.time() - t_plots, 2),
-        "explainers": {label: f"{k['explainer']}/{k['perturbation']}/{k['output']}"
-                       for label, k in kinds.items()},
-        "skipped": skipped,
-        "most_different_from_global": _most_different(comparison),
-    }
+    return plots

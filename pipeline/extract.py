@@ -55,6 +55,8 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -687,26 +689,79 @@ def _start_clean(cfg: Config) -> None:
 
 def run(cfg: Config) -> dict:
     """Write ``features/`` (and ``errors/`` rows of stage ``extract``) for every manifest image."""
-    import ray
-    import ray.data
-    import torch
-    import torchvision
-
-    from pipeline.embeddings import build_embedding
-    from pipeline.models import AttributeModelInfo, WeightsError
-
     t0 = time.time()
     e = cfg.extract
     manifest = _read_manifest(cfg)
     n = manifest.num_rows
+    models = _load_models(cfg)
+    emb = models.embedding
+    fingerprint = _digest(FEATURES_FORMAT, _manifest_digest(manifest), models.model_sha,
+                          emb.name, emb.version, models.sizes, e.rows_per_file, e.min_image_side,
+                          cfg.data.max_image_pixels, cfg.data.max_image_bytes,
+                          *models.dlib_settings)
+    metadata = _features_metadata(cfg, models, fingerprint)
+    state_loc, n_shards, done, todo = _resume(cfg, fingerprint, n)
+    work, expected = _work_rows(cfg, manifest, done, todo)
 
+    gpus = gpus_per_actor(cfg)
+    counts = {"features_rows_new": 0, "error_rows_new": 0}
+    actors = [e.min_actors, e.max_actors]
+    if work.num_rows:
+        actors = list(_check_resources(cfg, gpus, dlib=emb.separate_pool))
+        ds = _dataset(cfg, work, models, gpus, *actors)
+        counts.update(_stream_to_shards(cfg, ds, expected, models.schema, metadata))
+
+    feats_ids, err_ids = _check_every_image_accounted_for(cfg, n)
+    storage.write_json(state_loc, {"fingerprint": fingerprint, "complete": True,
+                                   "shards": n_shards, "images": n})
+    faces = _face_counts(cfg, emb)
+    seconds = time.time() - t0
+    return {
+        "images": n,
+        "features_rows": len(feats_ids),
+        "error_rows": len(err_ids),
+        "shards": n_shards,
+        "shards_resumed": len(done),
+        **counts,
+        "embedding": emb.name,
+        "embedding_dim": emb.dim,
+        **faces,
+        "device": "cuda" if gpus > 0 else "cpu",
+        "actors": actors,
+        **({"dlib_actors": [e.dlib_min_actors, e.dlib_max_actors]} if emb.separate_pool else {}),
+        "seconds": round(seconds, 2),
+        "images_per_s": round(sum(expected.values()) / seconds, 2) if expected else 0.0,
+    }
+
+
+@dataclass
+class _Models:
+    """The trained attribute model's description and the embedding, checked on the driver."""
+
+    info: Any  # pipeline.models.AttributeModelInfo
+    model_loc: Any  # storage location of models/attributes
+    model_sha: str  # of model.pt
+    embedding: Any  # pipeline.embeddings.Embedding, its module dropped (the actors build it)
+    emb_size: int  # the square size the embedding model reads
+    sizes: tuple[int, ...]  # every square size decode makes
+    geometry: bool  # extract.face_geometry (the config allows it with the dlib embedding only)
+    schema: pa.Schema  # of features/
+    dlib_settings: tuple  # dlib's own settings change its output (part of the fingerprint)
+
+
+def _load_models(cfg: Config) -> _Models:
+    """The trained attribute model (its sha256) and the embedding, built here once so that bad
+    weights fail before any work starts (and to learn its dim and version)."""
+    from pipeline.embeddings import build_embedding
+    from pipeline.models import AttributeModelInfo, WeightsError
+
+    e = cfg.extract
     model_loc = tables.location(cfg, "models/attributes")
     if not storage.exists(model_loc.join("model.json")):
         raise WeightsError(f"no trained attribute model at {model_loc.uri} (model.json missing); "
                            f"run the train_attributes stage first")
     info = AttributeModelInfo.from_json(storage.read_bytes(model_loc.join("model.json")).decode())
     model_sha = hashlib.sha256(storage.read_bytes(model_loc.join("model.pt"))).hexdigest()
-    # built here once so that bad weights fail before any work starts (and to learn dim/version)
     emb = build_embedding(e.embedding, e.embedding_weights, cfg.storage, attribute_info=info,
                           seed=_embedding_seed(cfg), download=cfg.weights.download)
     emb.module = None  # the actors build their own; the driver only needed dim and version
@@ -723,10 +778,17 @@ def run(cfg: Config) -> dict:
         from pipeline import dlib_face
 
         dlib_settings += ("face_geometry", dlib_face.landmarks68_sha256())
+    return _Models(info, model_loc, model_sha, emb, emb_size, sizes, geometry, schema,
+                   dlib_settings)
 
-    fingerprint = _digest(FEATURES_FORMAT, _manifest_digest(manifest), model_sha, emb.name,
-                          emb.version, sizes, e.rows_per_file, e.min_image_side,
-                          cfg.data.max_image_pixels, cfg.data.max_image_bytes, *dlib_settings)
+
+def _features_metadata(cfg: Config, models: _Models, fingerprint: str) -> dict[str, str]:
+    """The provenance ``features/`` files carry: models, versions, sizes, the fingerprint."""
+    import torch
+    import torchvision
+
+    e = cfg.extract
+    info, emb, model_sha = models.info, models.embedding, models.model_sha
     metadata = {
         "faceaudit.features_format": FEATURES_FORMAT,
         "faceaudit.attribute_model": info.arch,
@@ -737,10 +799,10 @@ def run(cfg: Config) -> dict:
         "faceaudit.embedding_version": emb.version,
         "faceaudit.embedding_weights": emb.weights,
         "faceaudit.embedding_dim": str(emb.dim),
-        "faceaudit.embedding_image_size": str(emb_size),
+        "faceaudit.embedding_image_size": str(models.emb_size),
         "faceaudit.embedding_origin": emb.origin,
         "faceaudit.attribute_model_origin": (f"trained by this run's train_attributes stage "
-                                             f"({model_loc.join('model.pt').uri})"),
+                                             f"({models.model_loc.join('model.pt').uri})"),
         "faceaudit.torch": torch.__version__,
         "faceaudit.torchvision": torchvision.__version__,
         "faceaudit.fingerprint": fingerprint,
@@ -754,12 +816,19 @@ def run(cfg: Config) -> dict:
             f"original (longer side <= {e.dlib_max_side} px), {dlib_face.CHIP_SIZE} px chips"
             if e.dlib_max_side else f"original, {dlib_face.CHIP_SIZE} px chips")
         metadata["faceaudit.dlib_upsample"] = str(e.dlib_upsample)
-    if geometry:
+    if models.geometry:
+        from pipeline import dlib_face
+
         metadata["faceaudit.face_geometry"] = (
             f"dlib 68-point landmarks, {dlib_face.GEOMETRY_DIM} values "
             f"(sha256 {dlib_face.landmarks68_sha256()[:16]})")
+    return metadata
 
-    # --- resume or start clean
+
+def _resume(cfg: Config, fingerprint: str, n: int):
+    """Resume a run with the same fingerprint or start clean; returns (state file, shard
+    count, shards already written, shards to do)."""
+    e = cfg.extract
     state_loc = tables.root(cfg).join(*STATE.split("/"))
     state = storage.read_json(state_loc) if storage.exists(state_loc) else None
     n_shards = max(1, -(-n // e.rows_per_file))
@@ -779,111 +848,118 @@ def run(cfg: Config) -> dict:
     todo = [s for s in range(n_shards) if s not in done]
     log.info("[extract] %d images in %d shards; %d done, %d to do", n, n_shards, len(done),
              len(todo))
+    return state_loc, n_shards, done, todo
 
-    shard_ids = (np.arange(n) // e.rows_per_file).astype(np.int32)
+
+def _work_rows(cfg: Config, manifest: pa.Table, done: set, todo: list[int]
+               ) -> tuple[pa.Table, dict[int, int]]:
+    """The manifest rows of the shards to do, with their shard; rows expected per shard."""
+    shard_ids = (np.arange(manifest.num_rows) // cfg.extract.rows_per_file).astype(np.int32)
     work = manifest.append_column("shard", pa.array(shard_ids, pa.int32()))
     if done:
         work = work.filter(pc.is_in(work["shard"], pa.array(todo, pa.int32())))
     expected = {int(s): int(c) for s, c in
                 zip(*np.unique(work["shard"].to_numpy(), return_counts=True))}
+    return work, expected
 
-    gpus = gpus_per_actor(cfg)
-    counts = {"features_rows_new": 0, "error_rows_new": 0}
-    device = "cuda" if gpus > 0 else "cpu"
-    actors = [e.min_actors, e.max_actors]
-    if work.num_rows:
-        lo, hi = _check_resources(cfg, gpus, dlib=emb.separate_pool)
-        actors = [lo, hi]
-        # blocks of batch_size rows: one decode task per inference batch, and enough blocks
-        # that decoding runs ahead of the actors
-        blocks = [work.slice(i, e.batch_size) for i in range(0, work.num_rows, e.batch_size)]
-        ds = ray.data.from_arrow(blocks)
-        ds = ds.map_batches(
-            decode_block, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
-            num_cpus=e.cpus_per_decode_task,
-            fn_kwargs={"storage_cfg": cfg.storage, "sizes": sizes,
-                       "min_side": e.min_image_side, "read_threads": e.read_threads,
-                       "max_pixels": cfg.data.max_image_pixels,
-                       "max_bytes": cfg.data.max_image_bytes,
-                       "original_max_side": e.dlib_max_side if emb.separate_pool else None})
-        ds = ds.map_batches(
-            AttributeInfer, batch_format="pyarrow", batch_size=e.batch_size, zero_copy_batch=True,
-            compute=_actor_pool(cfg, lo, hi, gpus),
-            num_cpus=e.cpus_per_actor, num_gpus=gpus,
-            fn_constructor_kwargs={"cfg": cfg, "use_gpu": gpus > 0,
-                                   "threads": max(1, int(round(e.cpus_per_actor)))})
-        if emb.separate_pool:
-            # dlib on CPU in its own autoscaled pool: a GPU attribute pool never waits on it
-            # beyond what the slower pool dictates (Ray Data's backpressure between the two)
-            ds = ds.map_batches(
-                _DlibInfer, batch_format="pyarrow", batch_size=e.dlib_batch_size,
-                zero_copy_batch=True,
-                compute=ray.data.ActorPoolStrategy(min_size=e.dlib_min_actors,
-                                                   max_size=e.dlib_max_actors),
-                num_cpus=e.cpus_per_dlib_actor,
-                fn_constructor_kwargs={"attributes": list(info.attributes),
-                                       "upsample": e.dlib_upsample, "geometry": geometry})
-        pending: dict[int, list[pa.Table]] = {}
-        got: dict[int, int] = {}
-        writer = _ShardWriter(cfg, schema, metadata, e.commit_queue_shards)
-        progress = Progress(STAGE, "images", sum(expected.values()), unit="images")
-        ok = False
-        try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                progress.add(batch.num_rows)
-                # blocks may arrive out of order; buffer per shard, commit a shard once complete
-                for s in pc.unique(batch["shard"]).to_pylist():
-                    part = batch.filter(pc.equal(batch["shard"], s))
-                    pending.setdefault(s, []).append(part)
-                    got[s] = got.get(s, 0) + part.num_rows
-                    if got[s] == expected[s]:
-                        writer.submit(s, pending.pop(s))
-                    elif got[s] > expected[s]:
-                        raise RuntimeError(f"shard {s}: {got[s]} rows came back, expected "
-                                           f"{expected[s]} (duplicated blocks)")
-            ok = True
-        finally:
-            if ok:
-                counts.update(writer.close())
-            else:  # the stream failed: stop writing, keep the stream's error
-                writer.failed.set()
-                writer.pool.shutdown(wait=True, cancel_futures=True)
-        counts["commit_stall_s"] = round(writer.stall_s, 2)
-        counts["commit_drain_s"] = round(writer.drain_s, 2)
-        if pending:
-            raise RuntimeError(f"shards {sorted(pending)} did not receive all their rows "
-                               f"({ {s: got[s] for s in pending} } of "
-                               f"{ {s: int(expected[s]) for s in pending} })")
 
-    # --- the finished table must account for every manifest image exactly once
+def _dataset(cfg: Config, work: pa.Table, models: _Models, gpus: float, lo: int, hi: int):
+    """The Ray Data stream: decode tasks, then the attribute (and embedding) actor pool, then
+    dlib's own pool when the embedding is dlib."""
+    import ray
+    import ray.data
+
+    e = cfg.extract
+    emb = models.embedding
+    # blocks of batch_size rows: one decode task per inference batch, and enough blocks
+    # that decoding runs ahead of the actors
+    blocks = [work.slice(i, e.batch_size) for i in range(0, work.num_rows, e.batch_size)]
+    ds = ray.data.from_arrow(blocks)
+    ds = ds.map_batches(
+        decode_block, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
+        num_cpus=e.cpus_per_decode_task,
+        fn_kwargs={"storage_cfg": cfg.storage, "sizes": models.sizes,
+                   "min_side": e.min_image_side, "read_threads": e.read_threads,
+                   "max_pixels": cfg.data.max_image_pixels,
+                   "max_bytes": cfg.data.max_image_bytes,
+                   "original_max_side": e.dlib_max_side if emb.separate_pool else None})
+    ds = ds.map_batches(
+        AttributeInfer, batch_format="pyarrow", batch_size=e.batch_size, zero_copy_batch=True,
+        compute=_actor_pool(cfg, lo, hi, gpus),
+        num_cpus=e.cpus_per_actor, num_gpus=gpus,
+        fn_constructor_kwargs={"cfg": cfg, "use_gpu": gpus > 0,
+                               "threads": max(1, int(round(e.cpus_per_actor)))})
+    if emb.separate_pool:
+        # dlib on CPU in its own autoscaled pool: a GPU attribute pool never waits on it
+        # beyond what the slower pool dictates (Ray Data's backpressure between the two)
+        ds = ds.map_batches(
+            _DlibInfer, batch_format="pyarrow", batch_size=e.dlib_batch_size,
+            zero_copy_batch=True,
+            compute=ray.data.ActorPoolStrategy(min_size=e.dlib_min_actors,
+                                               max_size=e.dlib_max_actors),
+            num_cpus=e.cpus_per_dlib_actor,
+            fn_constructor_kwargs={"attributes": list(models.info.attributes),
+                                   "upsample": e.dlib_upsample, "geometry": models.geometry})
+    return ds
+
+
+def _stream_to_shards(cfg: Config, ds, expected: dict[int, int], schema: pa.Schema,
+                      metadata: dict[str, str]) -> dict:
+    """Run the stream; commit each shard once all its rows are back. Returns the new feature
+    and error rows and the time the stream waited for the writer."""
+    pending: dict[int, list[pa.Table]] = {}
+    got: dict[int, int] = {}
+    counts: dict = {}
+    writer = _ShardWriter(cfg, schema, metadata, cfg.extract.commit_queue_shards)
+    progress = Progress(STAGE, "images", sum(expected.values()), unit="images")
+    ok = False
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            progress.add(batch.num_rows)
+            # blocks may arrive out of order; buffer per shard, commit a shard once complete
+            for s in pc.unique(batch["shard"]).to_pylist():
+                part = batch.filter(pc.equal(batch["shard"], s))
+                pending.setdefault(s, []).append(part)
+                got[s] = got.get(s, 0) + part.num_rows
+                if got[s] == expected[s]:
+                    writer.submit(s, pending.pop(s))
+                elif got[s] > expected[s]:
+                    raise RuntimeError(f"shard {s}: {got[s]} rows came back, expected "
+                                       f"{expected[s]} (duplicated blocks)")
+        ok = True
+    finally:
+        if ok:
+            counts.update(writer.close())
+        else:  # the stream failed: stop writing, keep the stream's error
+            writer.failed.set()
+            writer.pool.shutdown(wait=True, cancel_futures=True)
+    counts["commit_stall_s"] = round(writer.stall_s, 2)
+    counts["commit_drain_s"] = round(writer.drain_s, 2)
+    if pending:
+        raise RuntimeError(f"shards {sorted(pending)} did not receive all their rows "
+                           f"({ {s: got[s] for s in pending} } of "
+                           f"{ {s: int(expected[s]) for s in pending} })")
+    return counts
+
+
+def _check_every_image_accounted_for(cfg: Config, n: int) -> tuple[pa.ChunkedArray,
+                                                                   pa.ChunkedArray]:
+    """The finished table must account for every manifest image exactly once; returns the
+    feature and error rows' image ids."""
     feats_ids = tables.read(cfg, "features", columns=["image_id"])["image_id"]
     err_ids = tables.read_errors(cfg, STAGE)["image_id"]
     all_ids = pa.chunked_array(feats_ids.chunks + err_ids.chunks, pa.string())
     if len(all_ids) != n or pc.count_distinct(all_ids).as_py() != n:
         raise RuntimeError(f"extract output does not match the manifest: {len(feats_ids)} feature "
                            f"rows + {len(err_ids)} error rows for {n} images")
-    storage.write_json(state_loc, {"fingerprint": fingerprint, "complete": True,
-                                   "shards": n_shards, "images": n})
-    faces = {}
-    if emb.separate_pool:
-        det = tables.read(cfg, "features", columns=["face_detected"])["face_detected"]
-        found = int(pc.sum(det).as_py() or 0)
-        # rows whose embedding came from the fallback box, not a detected face
-        faces = {"faces_detected": found, "face_fallbacks": len(det) - found}
-    seconds = time.time() - t0
-    return {
-        "images": n,
-        "features_rows": len(feats_ids),
-        "error_rows": len(err_ids),
-        "shards": n_shards,
-        "shards_resumed": len(done),
-        **counts,
-        "embedding": emb.name,
-        "embedding_dim": emb.dim,
-        **faces,
-        "device": device,
-        "actors": actors,
-        **({"dlib_actors": [e.dlib_min_actors, e.dlib_max_actors]} if emb.separate_pool else {}),
-        "seconds": round(seconds, 2),
-        "images_per_s": round(sum(expected.values()) / seconds, 2) if expected else 0.0,
-    }
+    return feats_ids, err_ids
+
+
+def _face_counts(cfg: Config, emb) -> dict[str, int]:
+    """With dlib: how many rows had a detected face and how many used the fallback box."""
+    if not emb.separate_pool:
+        return {}
+    det = tables.read(cfg, "features", columns=["face_detected"])["face_detected"]
+    found = int(pc.sum(det).as_py() or 0)
+    # rows whose embedding came from the fallback box, not a detected face
+    return {"faces_detected": found, "face_fallbacks": len(det) - found}

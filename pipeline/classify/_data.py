@@ -94,6 +94,55 @@ def _null_errors(df: pl.DataFrame, col: str, reason: str) -> list[dict]:
 
 
 def load_inputs(cfg: Config) -> Inputs:
+    """The rows every fit shares: manifest rows with a known split and target (less those the
+    audit keeps out), joined to their feature blocks, clusters and sensitive-group labels."""
+    c = cfg.classify
+    target = c.target
+    m, attrs, labelled = _read_manifest(cfg)
+    errors: list[dict] = []
+    notes: dict = {}
+    m = _usable_rows(cfg, m, errors, notes)
+    feats = None
+    if any(s in c.features for s in ("semantic", "embedding")):
+        feats, m = _read_features(cfg, m, errors)
+    names: list[str] = []
+    blocks: list[pl.DataFrame] = []  # per source: image_id + feature columns
+    for source in c.features:
+        if source == "semantic":
+            block, cols = _semantic_block(target, feats, errors)
+        elif source == "annotations":
+            block, cols = _annotation_block(target, m, attrs, labelled, errors, notes)
+        elif source == "embedding":
+            block, cols = _embedding_block(cfg, m, feats, notes)
+        else:  # the config's Literal already forbids this
+            raise ValueError(f"unknown feature source {source!r}")
+        blocks.append(block)
+        names += cols
+    if target in names or f"p_{target}" in names:  # the target must never be its own feature
+        raise AssertionError(f"target {target} leaked into the features")
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate feature names across classify.features sources: {names}")
+
+    base = m.select("image_id", "split", pl.col(target).alias("__target"),
+                    *[pl.col(s) for s in c.sensitive if s in m.columns])
+    for b in blocks:
+        base = base.join(b, on="image_id", how="inner")
+    base, has_clusters = _join_clusters(cfg, base, notes)
+    base = base.sort("image_id")
+    sensitive = _sensitive_groups(cfg, m, base, notes)
+    return Inputs(
+        image_id=base["image_id"].to_numpy().astype(object),
+        split=base["split"].replace_strict(SPLIT_CODES, return_dtype=pl.Int8).to_numpy(),
+        y=base["__target"].to_numpy().astype(bool),
+        cluster=base["cluster"].fill_null(-1).to_numpy().astype(np.int32),
+        X=base.select(names).to_numpy().astype(np.float64) if names else np.zeros((base.height, 0)),
+        feature_names=names, sensitive=sensitive, has_clusters=has_clusters,
+        errors=errors, notes=notes)
+
+
+def _read_manifest(cfg: Config) -> tuple[pl.DataFrame, list[str], list[str]]:
+    """(manifest, its boolean attributes, those annotated for some image); refuses a target
+    that is not a labelled boolean attribute (:class:`NoTarget` when the dataset lacks it)."""
     c = cfg.classify
     target = c.target
     mschema = storage.read_schema(tables.location(cfg, "manifest"))
@@ -123,10 +172,13 @@ def load_inputs(cfg: Config) -> Inputs:
                          f"type {mschema.field(target).type}")
     if target not in labelled:
         raise NoTarget(f"classify.target={target!r} is null for every image of this dataset")
-    errors: list[dict] = []
-    notes: dict = {}
+    return m, attrs, labelled
 
-    # -- rows: known split, target present
+
+def _usable_rows(cfg: Config, m: pl.DataFrame, errors: list[dict], notes: dict) -> pl.DataFrame:
+    """Rows with a known split and a target, less those the audit keeps out (each dropped row
+    gets an error)."""
+    target = cfg.classify.target
     bad_split = m.filter(~pl.col("split").is_in(list(SPLITS)))
     errors += [{"image_id": r["image_id"], "uri": r["uri"],
                 "reason": f"classify: split {r['split']!r} is not one of {list(SPLITS)}"}
@@ -146,91 +198,94 @@ def load_inputs(cfg: Config) -> Inputs:
                    for r in out.select("image_id", "uri").to_dicts()]
         notes["audit_excluded"] = out.height
         m = m.filter(~pl.col("image_id").is_in(excluded))
+    return m
 
-    names: list[str] = []
-    blocks: list[pl.DataFrame] = []  # per source: image_id + feature columns
-    need_features = any(s in c.features for s in ("semantic", "embedding"))
-    feats = None
-    if need_features:
-        if not tables.exists(cfg, "features"):
-            raise ValueError(f"classify.features={c.features} needs the features/ table, which "
-                             f"is missing under {cfg.output.root}: run the extract stage first, "
-                             "or set classify.features=[\"annotations\"]")
-        fschema = storage.read_schema(tables.location(cfg, "features"))
-        fcols = ["image_id"]
-        if "semantic" in c.features:
-            fcols += [n for n in fschema.names if n.startswith("p_")]
-        if "embedding" in c.features:
-            fcols.append("embedding")  # 1 GB at 202,599 x 1280: read only when it is a feature
-        feats = tables.read(cfg, "features", columns=fcols)
-        fids = pl.from_arrow(feats.select(["image_id"]))
-        missing = m.join(fids, on="image_id", how="anti")
-        errors += [{"image_id": r["image_id"], "uri": r["uri"],
-                    "reason": "classify: no features row for this image (extract skipped it)"}
-                   for r in missing.select("image_id", "uri").to_dicts()]
-        m = m.join(fids, on="image_id", how="semi")
 
-    for source in c.features:
-        if source == "semantic":
-            cols = [n for n in feats.column_names if n.startswith("p_") and n != f"p_{target}"]
-            if not cols:
-                raise ValueError("classify.features has 'semantic' but features/ has no p_* "
-                                 "columns besides the target's")
-            block, errs = _complete_rows(pl.from_arrow(feats.select(["image_id"] + cols)), cols,
-                                         "classify: a predicted attribute is null/NaN",
-                                         nan_is_missing=True)
-            errors += errs
-            blocks.append(block)
-            names += cols
-        elif source == "annotations":
-            cols = [a for a in labelled if a != target]
-            dropped = [a for a in attrs if a not in labelled]
-            if dropped:
-                notes["annotations_not_in_dataset"] = dropped
-            if not cols:
-                raise ValueError("classify.features has 'annotations' but the manifest annotates "
-                                 "no attribute besides the target")
-            block, errs = _complete_rows(m.select(["image_id"] + cols), cols,
-                                         "classify: a ground-truth annotation is null",
-                                         nan_is_missing=False)
-            errors += errs
-            blocks.append(block)
-            names += cols
-        elif source == "embedding":
-            emb = feats.select(["image_id", "embedding"])
-            ids = emb.column("image_id").to_numpy(zero_copy_only=False)
-            col = emb.column("embedding").combine_chunks()
-            if col.null_count:
-                raise ValueError("features/embedding has null rows; rerun extract")
-            # float32 as extracted (a float64 copy is 2 GB at 202,599 x 1280)
-            E = col.flatten().to_numpy().reshape(len(col), -1)
-            del emb, col
-            train_ids = m.filter(pl.col("split") == "train")["image_id"].to_numpy()
-            is_train = np.isin(ids, train_ids)
-            k = min(c.embedding_components, E.shape[1], int(is_train.sum()))
-            if k < 1:
-                raise ValueError("no train rows with an embedding to fit the PCA on")
-            pca = PCA(n_components=k, svd_solver="randomized",
-                      random_state=derive_seed(cfg.run.seed, "classify", "pca"))
-            pca.fit(E[is_train])
-            Z = pca.transform(E)
-            cols = [f"pc_{j + 1}" for j in range(k)]
-            notes["embedding_pca_explained_variance"] = float(pca.explained_variance_ratio_.sum())
-            blocks.append(pl.DataFrame({"image_id": ids, **{n: Z[:, j] for j, n in enumerate(cols)}},
-                                       schema_overrides={"image_id": pl.String}))
-            names += cols
-        else:  # the config's Literal already forbids this
-            raise ValueError(f"unknown feature source {source!r}")
-    if target in names or f"p_{target}" in names:  # the target must never be its own feature
-        raise AssertionError(f"target {target} leaked into the features")
-    if len(set(names)) != len(names):
-        raise ValueError(f"duplicate feature names across classify.features sources: {names}")
+def _read_features(cfg: Config, m: pl.DataFrame, errors: list[dict]
+                   ) -> tuple[pa.Table, pl.DataFrame]:
+    """The features/ columns the sources use, and the rows of ``m`` that have a features row
+    (the others get an error)."""
+    c = cfg.classify
+    if not tables.exists(cfg, "features"):
+        raise ValueError(f"classify.features={c.features} needs the features/ table, which "
+                         f"is missing under {cfg.output.root}: run the extract stage first, "
+                         "or set classify.features=[\"annotations\"]")
+    fschema = storage.read_schema(tables.location(cfg, "features"))
+    fcols = ["image_id"]
+    if "semantic" in c.features:
+        fcols += [n for n in fschema.names if n.startswith("p_")]
+    if "embedding" in c.features:
+        fcols.append("embedding")  # 1 GB at 202,599 x 1280: read only when it is a feature
+    feats = tables.read(cfg, "features", columns=fcols)
+    fids = pl.from_arrow(feats.select(["image_id"]))
+    missing = m.join(fids, on="image_id", how="anti")
+    errors += [{"image_id": r["image_id"], "uri": r["uri"],
+                "reason": "classify: no features row for this image (extract skipped it)"}
+               for r in missing.select("image_id", "uri").to_dicts()]
+    return feats, m.join(fids, on="image_id", how="semi")
 
-    base = m.select("image_id", "split", pl.col(target).alias("__target"),
-                    *[pl.col(s) for s in c.sensitive if s in m.columns])
-    for b in blocks:
-        base = base.join(b, on="image_id", how="inner")
-    # -- clusters
+
+def _semantic_block(target: str, feats: pa.Table, errors: list[dict]
+                    ) -> tuple[pl.DataFrame, list[str]]:
+    """The predicted probabilities p_* except the target's (rows with a null/NaN dropped)."""
+    cols = [n for n in feats.column_names if n.startswith("p_") and n != f"p_{target}"]
+    if not cols:
+        raise ValueError("classify.features has 'semantic' but features/ has no p_* "
+                         "columns besides the target's")
+    block, errs = _complete_rows(pl.from_arrow(feats.select(["image_id"] + cols)), cols,
+                                 "classify: a predicted attribute is null/NaN",
+                                 nan_is_missing=True)
+    errors += errs
+    return block, cols
+
+
+def _annotation_block(target: str, m: pl.DataFrame, attrs: list[str], labelled: list[str],
+                      errors: list[dict], notes: dict) -> tuple[pl.DataFrame, list[str]]:
+    """The annotated attributes except the target, as 0/1 (rows with a null dropped)."""
+    cols = [a for a in labelled if a != target]
+    dropped = [a for a in attrs if a not in labelled]
+    if dropped:
+        notes["annotations_not_in_dataset"] = dropped
+    if not cols:
+        raise ValueError("classify.features has 'annotations' but the manifest annotates "
+                         "no attribute besides the target")
+    block, errs = _complete_rows(m.select(["image_id"] + cols), cols,
+                                 "classify: a ground-truth annotation is null",
+                                 nan_is_missing=False)
+    errors += errs
+    return block, cols
+
+
+def _embedding_block(cfg: Config, m: pl.DataFrame, feats: pa.Table, notes: dict
+                     ) -> tuple[pl.DataFrame, list[str]]:
+    """The embedding's first principal components pc_1..pc_k, PCA fitted on the train split."""
+    c = cfg.classify
+    emb = feats.select(["image_id", "embedding"])
+    ids = emb.column("image_id").to_numpy(zero_copy_only=False)
+    col = emb.column("embedding").combine_chunks()
+    if col.null_count:
+        raise ValueError("features/embedding has null rows; rerun extract")
+    # float32 as extracted (a float64 copy is 2 GB at 202,599 x 1280)
+    E = col.flatten().to_numpy().reshape(len(col), -1)
+    del emb, col
+    train_ids = m.filter(pl.col("split") == "train")["image_id"].to_numpy()
+    is_train = np.isin(ids, train_ids)
+    k = min(c.embedding_components, E.shape[1], int(is_train.sum()))
+    if k < 1:
+        raise ValueError("no train rows with an embedding to fit the PCA on")
+    pca = PCA(n_components=k, svd_solver="randomized",
+              random_state=derive_seed(cfg.run.seed, "classify", "pca"))
+    pca.fit(E[is_train])
+    Z = pca.transform(E)
+    cols = [f"pc_{j + 1}" for j in range(k)]
+    notes["embedding_pca_explained_variance"] = float(pca.explained_variance_ratio_.sum())
+    return (pl.DataFrame({"image_id": ids, **{n: Z[:, j] for j, n in enumerate(cols)}},
+                         schema_overrides={"image_id": pl.String}), cols)
+
+
+def _join_clusters(cfg: Config, base: pl.DataFrame, notes: dict) -> tuple[pl.DataFrame, bool]:
+    """``base`` with each row's clusters/primary cluster (null: none or noise); whether the
+    table exists."""
     has_clusters = tables.exists(cfg, PRIMARY)
     if has_clusters:
         cl = pl.from_arrow(tables.read(cfg, PRIMARY, columns=["image_id", "cluster"]))
@@ -247,8 +302,14 @@ def load_inputs(cfg: Config) -> Inputs:
         notes["clusters"] = ("clusters/primary missing: per-cluster models and the cluster / "
                              "cluster_class samplings are skipped")
         base = base.with_columns(pl.lit(None, dtype=pl.Int32).alias("cluster"))
-    base = base.sort("image_id")
+    return base, has_clusters
 
+
+def _sensitive_groups(cfg: Config, m: pl.DataFrame, base: pl.DataFrame, notes: dict
+                      ) -> dict[str, np.ndarray]:
+    """Per usable sensitive attribute, each row's group label (the others noted, with why)."""
+    c = cfg.classify
+    target = c.target
     sensitive: dict[str, np.ndarray] = {}
     skipped: dict[str, str] = {}
     for s in c.sensitive:
@@ -270,12 +331,4 @@ def load_inputs(cfg: Config) -> Inputs:
     if skipped:
         notes["sensitive_skipped"] = skipped
         log.warning("classify: sensitive attributes skipped: %s", skipped)
-
-    return Inputs(
-        image_id=base["image_id"].to_numpy().astype(object),
-        split=base["split"].replace_strict(SPLIT_CODES, return_dtype=pl.Int8).to_numpy(),
-        y=base["__target"].to_numpy().astype(bool),
-        cluster=base["cluster"].fill_null(-1).to_numpy().astype(np.int32),
-        X=base.select(names).to_numpy().astype(np.float64) if names else np.zeros((base.height, 0)),
-        feature_names=names, sensitive=sensitive, has_clusters=has_clusters,
-        errors=errors, notes=notes)
+    return sensitive

@@ -248,6 +248,55 @@ def run(cfg: Config) -> dict:
         raise StageSkipped("the manifest has no annotated attributes and there is no features "
                            "table: nothing to cluster (run the extract stage first)")
     source, attr_names = _profile_source(inp)
+    spaces, skipped, x_refs = _build_spaces(cfg, inp, source)
+    jobs, specs, notes, refs_missing = _sweep_jobs(cfg, inp, spaces, source, attr_names)
+    map_idx, map_refs = _start_maps(cfg, spaces, x_refs)  # alongside the sweep
+    t0 = time.time()
+    results = run_sweep(jobs, specs, parallel=True, cpus_per_task=c.cpus_per_task,
+                        x_refs=x_refs, fetch_labels=False)
+    sweep_s = time.time() - t0
+    coords = {name: ray.get(r) for name, r in map_refs.items()}
+    n_tasks = len(results)
+    chosen, chosen_labels, sweep_rows = _choose(cfg, results)
+    del results  # the other k's labels leave the object store
+    primary_space, pk = _primary(cfg, spaces, skipped, chosen, chosen_labels, notes)
+    meta = Settings(spaces=tuple(c.spaces), k_rule=c.k_rule, k=c.k, primary_space=primary_space,
+                    primary_algorithm=c.primary_algorithm, primary_k=int(pk),
+                    profile_source=source, map_method=c.map_method).metadata()
+    described, demo_missing = _describe_chosen(cfg, inp, spaces, chosen, chosen_labels, map_idx,
+                                               coords, source, attr_names, primary_space, meta)
+    rows = _write(cfg, sweep_rows, described, meta)
+    ident_col = _write_identity(cfg, rows, meta)
+    tables.clear_errors(cfg, STAGE)
+    if inp.errors:
+        tables.write_errors(cfg, STAGE, inp.errors)
+    return {
+        "rows": rows,
+        "spaces": {n: {"rows": int(s.X.shape[0]), **s.info} for n, s in spaces.items()},
+        "skipped_spaces": skipped,
+        "chosen": chosen,
+        "primary_space_used": primary_space,
+        "primary_algorithm": c.primary_algorithm,
+        "primary_k": int(pk),
+        "profile_source": source,
+        "identity_column": ident_col,
+        "reference_attributes_missing": refs_missing,
+        "demographic_attributes_missing": demo_missing,
+        "notes": notes,
+        "sweep_tasks": n_tasks,
+        "sweep_seconds": round(sweep_s, 2),
+        "seconds": round(time.time() - t_start, 2),
+        "errors": len(inp.errors),
+    }
+
+
+def _build_spaces(cfg: Config, inp: Inputs, source: str
+                  ) -> tuple[dict[str, Space], dict[str, str], dict]:
+    """The feature spaces that can be clustered (each matrix put in the object store once), why
+    each other one was skipped, and the spaces' ObjectRefs."""
+    import ray
+
+    c = cfg.cluster
     spaces, skipped, x_refs = {}, {}, {}
     for name in c.spaces:
         space, why = BUILDERS[name](cfg, inp)
@@ -270,7 +319,14 @@ def run(cfg: Config) -> dict:
     if not spaces:
         raise StageSkipped("no feature space could be built: " +
                            "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    return spaces, skipped, x_refs
 
+
+def _sweep_jobs(cfg: Config, inp: Inputs, spaces: dict[str, Space], source: str,
+                attr_names: list[str]):
+    """Per space its job (reference labels, seeded samples) and sweep tasks; notes on k values
+    that cannot be fitted; reference attributes without labels and why."""
+    c = cfg.cluster
     refs_missing = {}
     jobs, specs, notes = [], {}, []
     for name, sp in spaces.items():
@@ -291,22 +347,29 @@ def run(cfg: Config) -> dict:
         notes += more
     for a, why in refs_missing.items():
         log.warning("[cluster] reference attribute %s: %s (its NMI/ARI/purity are null)", a, why)
+    return jobs, specs, notes, refs_missing
 
-    # The 2-D maps run as tasks alongside the sweep (t-SNE is the slowest single step here).
+
+def _start_maps(cfg: Config, spaces: dict[str, Space], x_refs: dict):
+    """Start the 2-D map task of every space (t-SNE is the slowest single step here, so it runs
+    alongside the sweep); returns the map rows and the task refs."""
+    import ray
+
+    c = cfg.cluster
     map_task = ray.remote(num_cpus=c.cpus_per_task)(_map_task)
     map_idx, map_refs = {}, {}
     for name, sp in spaces.items():
         map_idx[name] = sample_indices(sp.X.shape[0], c.map_rows, cfg.run.seed, STAGE, "map", name)
         map_refs[name] = map_task.remote(x_refs[name], map_idx[name], c.map_method,
                                          derive_seed(cfg.run.seed, STAGE, "map", name))
-    t0 = time.time()
-    results = run_sweep(jobs, specs, parallel=True, cpus_per_task=c.cpus_per_task,
-                        x_refs=x_refs, fetch_labels=False)
-    sweep_s = time.time() - t0
-    coords = {name: ray.get(r) for name, r in map_refs.items()}
+    return map_idx, map_refs
 
-    # Choose k per space x algorithm; keep the chosen labels only.
-    by_key: dict[tuple[str, str], list[tuple[dict, np.ndarray]]] = {}
+
+def _choose(cfg: Config, results: list[tuple[dict, object]]):
+    """Choose k per space x algorithm (``chosen`` marks it in the sweep rows); keep the chosen
+    labels only (ObjectRefs). Returns (chosen summary, chosen labels, sweep rows)."""
+    c = cfg.cluster
+    by_key: dict[tuple[str, str], list[tuple[dict, object]]] = {}
     for row, labels in results:
         by_key.setdefault((row["space"], row["algorithm"]), []).append((row, labels))
     chosen, chosen_labels = {}, {}
@@ -325,14 +388,17 @@ def run(cfg: Config) -> dict:
                     **{m: (None if r[m] is None else round(r[m], 4)) for m in
                        ("silhouette", "davies_bouldin", "calinski_harabasz")}}
     sweep_rows = [r for r, _ in results]
-    n_tasks = len(results)
-    del results, by_key  # the other k's labels leave the object store
     for r in sweep_rows:
         for a in c.reference_attributes:
             for m in ("nmi", "ari", "purity"):
                 r.setdefault(f"{m}_{a}", None)
+    return chosen, chosen_labels, sweep_rows
 
-    # The one clustering downstream stages use.
+
+def _primary(cfg: Config, spaces: dict[str, Space], skipped: dict[str, str], chosen: dict,
+             chosen_labels: dict, notes: list[str]) -> tuple[str, int]:
+    """The one clustering downstream stages use: (space used, its chosen k)."""
+    c = cfg.cluster
     primary_space = c.primary_space
     if primary_space not in spaces:
         fallback = "annotations" if "annotations" in spaces else sorted(spaces)[0]
@@ -343,14 +409,21 @@ def run(cfg: Config) -> dict:
         raise ValueError(f"no {c.primary_algorithm} clustering of the {primary_space} space "
                          f"could be fitted ({'; '.join(notes) or 'no sweep rows'}); give the "
                          "stage more rows or lower cluster.k_min")
-    pk = chosen[f"{primary_space}/{c.primary_algorithm}"]["k"]
-    meta = Settings(spaces=tuple(c.spaces), k_rule=c.k_rule, k=c.k, primary_space=primary_space,
-                    primary_algorithm=c.primary_algorithm, primary_k=int(pk),
-                    profile_source=source, map_method=c.map_method).metadata()
+    return primary_space, chosen[f"{primary_space}/{c.primary_algorithm}"]["k"]
 
-    # Describe the chosen clusterings, one at a time: each one's labels are fetched from the
-    # object store and its assignments written as their own part, so the driver never holds
-    # every clustering's rows at once.
+
+def _describe_chosen(cfg: Config, inp: Inputs, spaces: dict[str, Space], chosen: dict,
+                     chosen_labels: dict, map_idx: dict, coords: dict, source: str,
+                     attr_names: list[str], primary_space: str, meta: dict
+                     ) -> tuple[dict[str, object], dict[str, str]]:
+    """Describe the chosen clusterings, one at a time: each one's labels are fetched from the
+    object store and its assignments written as their own part, so the driver never holds
+    every clustering's rows at once. Returns the profiles, centroid distances, demographics,
+    P(A | B) over the dataset, assignment row count and the primary table; demographic
+    attributes not found."""
+    import ray
+
+    c = cfg.cluster
     prof, dists, demo = [], [], []
     demo_missing = {}
     n_assigned, parts = 0, []
@@ -402,12 +475,20 @@ def run(cfg: Config) -> dict:
         cond = describe.conditional_batched(
             lambda lo, hi: _attribute_matrix(inp, source, attr_names, fids[lo:hi]),
             len(fids), attr_names, source)
+    return {"profiles": prof, "centroid_distances": dists, "demographics": demo,
+            "conditional": cond, "assignments": n_assigned, "primary": primary}, demo_missing
 
-    rows = {
+
+def _write(cfg: Config, sweep_rows: list[dict], described: dict, meta: dict) -> dict[str, int]:
+    """Write the ``clusters/*`` tables (assignments are written while described); row counts."""
+    c = cfg.cluster
+    prof, dists = described["profiles"], described["centroid_distances"]
+    cond, demo = described["conditional"], described["demographics"]
+    return {
         "clusters/sweep": tables.replace(cfg, "clusters/sweep", pa.Table.from_pylist(
             sweep_rows, schema=sweep_schema(c.reference_attributes)),
             schema=sweep_schema(c.reference_attributes), metadata=meta),
-        "clusters/assignments": n_assigned,
+        "clusters/assignments": described["assignments"],
         "clusters/profiles": tables.replace(cfg, "clusters/profiles", pa.Table.from_pylist(
             prof, schema=PROFILES_SCHEMA), schema=PROFILES_SCHEMA, metadata=meta),
         "clusters/centroid_distances": tables.replace(
@@ -417,10 +498,14 @@ def run(cfg: Config) -> dict:
             cond, schema=CONDITIONAL_SCHEMA), schema=CONDITIONAL_SCHEMA, metadata=meta),
         "clusters/demographics": tables.replace(cfg, "clusters/demographics", pa.Table.from_pylist(
             demo, schema=DEMOGRAPHICS_SCHEMA), schema=DEMOGRAPHICS_SCHEMA, metadata=meta),
-        "clusters/primary": tables.replace(cfg, "clusters/primary", primary,
+        "clusters/primary": tables.replace(cfg, "clusters/primary", described["primary"],
                                            schema=PRIMARY_SCHEMA, metadata=meta),
     }
-    # S3: identity purity of every kept clustering, where the manifest names people
+
+
+def _write_identity(cfg: Config, rows: dict[str, int], meta: dict) -> str | None:
+    """S3: identity purity of every kept clustering, where the manifest names people; adds its
+    row count to ``rows`` and returns the identity column used (None: none)."""
     from pipeline.cluster._identity import IDENTITY_COLUMNS, identity_table
     from pipeline.cluster._schemas import IDENTITY_SCHEMA
 
@@ -435,25 +520,4 @@ def run(cfg: Config) -> dict:
     if ident is not None:
         rows["clusters/identity"] = tables.replace(cfg, "clusters/identity", ident,
                                                    schema=IDENTITY_SCHEMA, metadata=meta)
-    tables.clear_errors(cfg, STAGE)
-    if inp.errors:
-        tables.write_errors(cfg, STAGE, inp.errors)
-    return {
-        "rows": rows,
-        "spaces": {n: {"rows": int(s.X.shape[0]), **s.info} for n, s in spaces.items()},
-        "skipped_spaces": skipped,
-        "chosen": chosen,
-        "primary_space_used": primary_space,
-        "primary_algorithm": c.primary_algorithm,
-        "primary_k": int(pk),
-        "profile_source": source,
-        "identity_column": ident_col,
-        "reference_attributes_missing": refs_missing,
-        "demographic_attributes_missing": demo_missing,
-        "notes": notes,
-        "sweep_tasks": n_tasks,
-        "sweep_seconds": round(sweep_s, 2),
-        "seconds": round(time.time() - t_start, 2),
-        "errors": len(inp.errors),
-    }
-
+    return ident_col
