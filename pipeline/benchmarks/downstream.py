@@ -23,9 +23,7 @@ pages of Ray's object store it maps).
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -80,11 +78,7 @@ def run(cfg, features_from: str, images: int = 202599, compare: int = 20000,
     unknown = [s for s in names if s not in DOWNSTREAM]
     if unknown:
         raise ValueError(f"--stages {unknown}: expected some of {list(DOWNSTREAM)}")
-    shared = Path(os.environ.get("FACEAUDIT_REAL_DATA") or scale.SHARED_REAL)
-    annotations_dir = Path(annotations) if annotations else shared / "celeba-full"
-    images_dir = Path(images_from) if images_from else shared / "celeba" / "img_align_celeba"
-    work = Path(workdir) if workdir else Path(tempfile.gettempdir()) / "faceaudit-scale"
-    work.mkdir(parents=True, exist_ok=True)
+    annotations_dir, images_dir, work = scale.source_dirs(annotations, images_from, workdir)
     sizes = sorted({int(compare), int(images)})
     results: dict[int, list[dict]] = {}
     for n in sizes:

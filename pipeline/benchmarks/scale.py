@@ -159,12 +159,21 @@ def run_size(cfg, root: Path, out: Path, stages: list[str] | None = None) -> lis
     return rows
 
 
-def run(cfg, images: int = 202599, compare: int = 20000, workdir: str = "",
-        annotations: str = "", images_from: str = "", keep: bool = True) -> dict:
-    annotations_dir = Path(annotations) if annotations else SHARED_REAL / "celeba-full"
-    images_dir = Path(images_from) if images_from else SHARED_REAL / "celeba" / "img_align_celeba"
+def source_dirs(annotations: str = "", images_from: str = "", workdir: str = "",
+                shared: Path | None = None) -> tuple[Path, Path, Path]:
+    """(official annotation files, real JPEGs to link, work folder, created) for a full-size
+    CelebA layout; defaults under ``shared`` (../shared/real or $FACEAUDIT_REAL_DATA)."""
+    shared = shared or Path(os.environ.get("FACEAUDIT_REAL_DATA") or SHARED_REAL)
+    annotations_dir = Path(annotations) if annotations else shared / "celeba-full"
+    images_dir = Path(images_from) if images_from else shared / "celeba" / "img_align_celeba"
     work = Path(workdir) if workdir else Path(tempfile.gettempdir()) / "faceaudit-scale"
     work.mkdir(parents=True, exist_ok=True)
+    return annotations_dir, images_dir, work
+
+
+def run(cfg, images: int = 202599, compare: int = 20000, workdir: str = "",
+        annotations: str = "", images_from: str = "", keep: bool = True) -> dict:
+    annotations_dir, images_dir, work = source_dirs(annotations, images_from, workdir)
     sizes = sorted({int(compare), int(images)})
     results: dict[int, list[dict]] = {}
     for n in sizes:

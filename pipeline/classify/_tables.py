@@ -7,12 +7,13 @@ report describes a run from :func:`read_settings`, never from the config it was 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import pyarrow as pa
 
 from pipeline import tables
 from pipeline.config import Config
+from pipeline.settings import TableSettings
 
 DATASET_TABLE = "classifiers/dataset"
 MODELS_TABLE = "classifiers/models"
@@ -79,9 +80,11 @@ PREDICTIONS_SCHEMA = pa.schema([
 
 
 @dataclass(frozen=True)
-class Settings:
+class Settings(TableSettings):
     """What the metrics and findings were computed with; written into the metadata of
     ``classifiers/metrics`` and ``classifiers/findings`` (every value a string there)."""
+
+    STAGE = "classify"  # not a field (no annotation): names the stage in the rerun hint
 
     target: str  # classify.target
     samplings: tuple[str, ...]  # classify.samplings, in the configured order
@@ -100,19 +103,6 @@ class Settings:
                    correction=c.correction, alpha=float(c.alpha),
                    min_group_size=int(c.min_group_size))
 
-    def metadata(self) -> dict[str, str]:
-        return {k: ",".join(v) if isinstance(v, tuple) else str(v)
-                for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_metadata(cls, md: dict[str, str], table: str = METRICS_TABLE) -> "Settings":
-        missing = [f.name for f in fields(cls) if f.name not in md]
-        if missing:
-            raise KeyError(f"{table} metadata lacks {missing} (written by a classify stage older "
-                           "than this reader): rerun classify (python -m jobs.classify --force)")
-        conv = {"samplings": lambda s: tuple(x for x in s.split(",") if x), "ci_level": float,
-                "bootstrap": int, "permutations": int, "alpha": float, "min_group_size": int}
-        return cls(**{f.name: conv.get(f.name, str)(md[f.name]) for f in fields(cls)})
 
 
 def read_settings(cfg: Config, table: str = METRICS_TABLE) -> Settings:

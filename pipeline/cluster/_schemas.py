@@ -10,12 +10,13 @@ from the config it was started with.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import pyarrow as pa
 
 from pipeline import tables
 from pipeline.config import Config
+from pipeline.settings import TableSettings
 
 SWEEP = "clusters/sweep"
 ASSIGNMENTS = "clusters/assignments"
@@ -28,9 +29,11 @@ IDENTITY = "clusters/identity"  # identity purity, where the manifest names peop
 
 
 @dataclass(frozen=True)
-class Settings:
+class Settings(TableSettings):
     """How the clusters were made; written into the metadata of every ``clusters/`` table but
     ``centroid_distances`` (every value a string there)."""
+
+    STAGE = "cluster"  # not a field (no annotation): names the stage in the rerun hint
 
     spaces: tuple[str, ...]  # cluster.spaces, in the configured order (built or not)
     k_rule: str  # cluster.k_rule: the internal metric that chose k
@@ -41,19 +44,6 @@ class Settings:
     profile_source: str  # annotations (ground truth) or predicted attributes
     map_method: str  # cluster.map_method of the 2-D map (tsne / umap)
 
-    def metadata(self) -> dict[str, str]:
-        return {k: ",".join(v) if isinstance(v, tuple) else str(v)
-                for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_metadata(cls, md: dict[str, str], table: str = SWEEP) -> "Settings":
-        missing = [f.name for f in fields(cls) if f.name not in md]
-        if missing:
-            raise KeyError(f"{table} metadata lacks {missing} (written by a cluster stage older "
-                           "than this reader): rerun cluster (python -m jobs.cluster --force)")
-        conv = {"spaces": lambda s: tuple(x for x in s.split(",") if x), "k": int,
-                "primary_k": int}
-        return cls(**{f.name: conv.get(f.name, str)(md[f.name]) for f in fields(cls)})
 
 
 def read_settings(cfg: Config, table: str = SWEEP) -> Settings:
