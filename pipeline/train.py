@@ -134,19 +134,14 @@ def _run(cfg: Config, *, fail_after_epoch: int | None = None) -> dict:
     # another cluster, and a CPU run's checkpoint (float32, no scaler) is not a GPU run's
     fp = _run_fingerprint(fingerprints(cfg)[STAGE], use_gpu)
     name = f"run-{fp}"
-    model_loc = tables.location(cfg, MODEL_DIR)
-    runs_loc = tables.location(cfg, RUNS_DIR)
+    model_loc, runs_loc = tables.location(cfg, MODEL_DIR), tables.location(cfg, RUNS_DIR)
     resumed_from = _prepare_run_dir(cfg, model_loc, runs_loc, name, fp)
     n_train = splits["train"].num_rows
     steps_per_epoch, drop_last = _steps_per_epoch(t, n_train // world)
 
     error_log = ray.remote(num_cpus=0)(_ErrorLog).remote()
     lines = LineRelay()  # the workers' epoch and step lines to this console
-    # decoded once into the object store when it fits (decoding overlaps Ray Train's start-up),
-    # else a Ray Data pipeline per split that decodes again every epoch
-    cache = _cache_splits(cfg, {s: splits[s] for s in ("train", "val")}, attributes, error_log)
-    datasets = None if cache else {s: _image_dataset(cfg, splits[s], attributes, error_log)
-                                   for s in ("train", "val")}
+    cache, datasets = _feeds(cfg, splits, attributes, error_log)
     loop_config = _loop_config(cfg, attributes, pos_weight, steps_per_epoch, drop_last, use_gpu,
                                fail_after_epoch, cache, lines.actor)
     trainer = _trainer(cfg, loop_config, datasets, name, runs_loc, world, use_gpu)
@@ -221,6 +216,16 @@ def _steps_per_epoch(t, per_worker: int) -> tuple[int, bool]:
     if t.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, t.max_steps_per_epoch)
     return steps_per_epoch, drop_last
+
+
+def _feeds(cfg: Config, splits: dict[str, pa.Table], attributes: list[str], error_log):
+    """(cache, datasets) of the train and val splits: decoded once into the object store when
+    they fit (decoding overlaps Ray Train's start-up), else (None, a Ray Data pipeline per split
+    that decodes again every epoch)."""
+    cache = _cache_splits(cfg, {s: splits[s] for s in ("train", "val")}, attributes, error_log)
+    datasets = None if cache else {s: _image_dataset(cfg, splits[s], attributes, error_log)
+                                   for s in ("train", "val")}
+    return cache, datasets
 
 
 def _loop_config(cfg: Config, attributes: list[str], pos_weight, steps_per_epoch: int,
