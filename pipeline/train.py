@@ -118,11 +118,7 @@ def _run(cfg: Config, *, fail_after_epoch: int | None = None) -> dict:
     """``run`` with a fault-injection hook: ``fail_after_epoch=k`` makes every worker raise right
     after epoch ``k`` was checkpointed (the resume test kills a run this way)."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    from pipeline.models import AttributeModelInfo, IMAGENET_MEAN, IMAGENET_STD
-    from pipeline.ray_runtime import resolve_use_gpu
     from pipeline.run import fingerprints
 
     t = cfg.train
@@ -131,82 +127,24 @@ def _run(cfg: Config, *, fail_after_epoch: int | None = None) -> dict:
         raise StageSkipped(f"attribute model taken from {t.model_from} (train.model_from), "
                            f"trained on {describe_training(adopted['trained_on'])}; nothing is "
                            f"trained in this run", adopted)
-    # --- everything that can be wrong with the input is checked before any work starts ---
-    manifest = tables.read(cfg, "manifest")
-    attributes = resolve_attributes(cfg, manifest.schema)
-    if not attributes:
-        raise TrainInputError(NO_LABELS.format(dataset=cfg.data.dataset))
-    use_gpu = resolve_use_gpu(cfg, t.use_gpu)
-    splits, label_errors = split_rows(manifest, attributes)
-    for split in ("train", "val", "test"):
-        if splits[split].num_rows == 0:
-            raise TrainInputError(
-                f"the manifest's {split!r} split is empty (after dropping rows with missing "
-                f"labels); training needs train, val (model selection) and test (evaluation) "
-                f"rows — check data.split_fractions / data.limit or rerun ingest")
-    train_prev = _prevalence(splits["train"], attributes)
-    pos_weight = None
-    if t.pos_weight_max > 0:
-        # neg/pos per attribute, so a rare attribute's positives weigh as much as its negatives;
-        # clipped so a nearly absent attribute cannot dominate the loss.
-        pos = np.clip(train_prev, 1e-6, None)
-        pos_weight = np.minimum((1 - train_prev) / pos, t.pos_weight_max).tolist()
-
+    manifest, attributes, use_gpu, splits, label_errors = _checked_inputs(cfg)
+    pos_weight = _pos_weight(t, splits["train"], attributes)
     world = worker_count(cfg, use_gpu)  # before anything is written or removed
     # the resolved device is part of the run's identity: "auto" may resolve differently on
     # another cluster, and a CPU run's checkpoint (float32, no scaler) is not a GPU run's
     fp = _run_fingerprint(fingerprints(cfg)[STAGE], use_gpu)
     name = f"run-{fp}"
-    model_loc = tables.location(cfg, MODEL_DIR)
-    runs_loc = tables.location(cfg, RUNS_DIR)
+    model_loc, runs_loc = tables.location(cfg, MODEL_DIR), tables.location(cfg, RUNS_DIR)
     resumed_from = _prepare_run_dir(cfg, model_loc, runs_loc, name, fp)
-
     n_train = splits["train"].num_rows
-    per_worker = n_train // world
-    steps_per_epoch = max(1, math.ceil(per_worker / t.batch_size))
-    drop_last = per_worker >= t.batch_size  # a last batch of 1 breaks BatchNorm in training
-    if drop_last:
-        steps_per_epoch = max(1, per_worker // t.batch_size)
-    if t.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, t.max_steps_per_epoch)
+    steps_per_epoch, drop_last = _steps_per_epoch(t, n_train // world)
 
     error_log = ray.remote(num_cpus=0)(_ErrorLog).remote()
     lines = LineRelay()  # the workers' epoch and step lines to this console
-    # decoded once into the object store when it fits (decoding overlaps Ray Train's start-up),
-    # else a Ray Data pipeline per split that decodes again every epoch
-    cache = _cache_splits(cfg, {s: splits[s] for s in ("train", "val")}, attributes, error_log)
-    datasets = None if cache else {s: _image_dataset(cfg, splits[s], attributes, error_log)
-                                   for s in ("train", "val")}
-    loop_config = {
-        "attributes": attributes, "image_size": t.image_size, "epochs": t.epochs,
-        "batch_size": t.batch_size, "lr": t.lr, "weight_decay": t.weight_decay,
-        "schedule": t.schedule, "precision": t.precision, "pos_weight": pos_weight,
-        "augment": t.augment, "pretrained": t.pretrained, "arch": t.arch,
-        "storage": cfg.storage.model_dump(), "download_weights": cfg.weights.download,
-        "seed": cfg.run.seed, "steps_per_epoch": steps_per_epoch,
-        "max_steps_per_epoch": t.max_steps_per_epoch, "drop_last": drop_last,
-        "shuffle_buffer": t.shuffle_buffer_batches * t.batch_size,
-        "log_every": t.log_every_steps, "use_gpu": use_gpu, "fail_after_epoch": fail_after_epoch,
-        "prefetch_batches": t.prefetch_batches, "cache": cache, "log_relay": lines.actor,
-    }
-    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    run_config = RunConfig(
-        name=name, storage_path=runs_loc.path,
-        storage_filesystem=runs_loc.fs if storage.is_s3(runs_loc.uri) else None,
-        checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints,
-                                           checkpoint_score_attribute=SCORE,
-                                           checkpoint_score_order="max"),
-        # controller_failure_limit: a worker group that cannot start (Ray Train's 60 s start
-        # timeout) fails the run instead of being retried without end (Ray's default is -1)
-        failure_config=FailureConfig(max_failures=t.max_failures,
-                                     controller_failure_limit=t.max_failures),
-    )
-    trainer = TorchTrainer(
-        _train_loop, train_loop_config=loop_config, datasets=datasets,
-        scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu,
-                                     resources_per_worker=resources),
-        run_config=run_config,
-    )
+    cache, datasets = _feeds(cfg, splits, attributes, error_log)
+    loop_config = _loop_config(cfg, attributes, pos_weight, steps_per_epoch, drop_last, use_gpu,
+                               fail_after_epoch, cache, lines.actor)
+    trainer = _trainer(cfg, loop_config, datasets, name, runs_loc, world, use_gpu)
     log.info("[%s] %d attributes, %d/%d/%d train/val/test images, %d worker(s) on %s, "
              "%d epoch(s) of %d step(s); %s", STAGE, len(attributes), n_train,
              splits["val"].num_rows, splits["test"].num_rows, world, "GPU" if use_gpu else "CPU",
@@ -216,37 +154,8 @@ def _run(cfg: Config, *, fail_after_epoch: int | None = None) -> dict:
     try:
         result = trainer.fit()
         train_seconds = time.time() - t0
-        latest = _load_checkpoint(result.checkpoint)
-        best_ckpt = result.get_best_checkpoint(SCORE, "max") or result.checkpoint
-        best = _load_checkpoint(best_ckpt)
-        model = _model_from_state(attributes, best["model"], t.arch)
-
-        # --- thresholds on val (optional), then the test split's metrics ---
-        wanted = ("val", "test") if t.tune_thresholds else ("test",)
-        preds = _predict(cfg, model, {s: splits[s] for s in wanted}, attributes, use_gpu,
-                         error_log)  # one pass (one actor pool start) over val and test
-        thresholds = tune_thresholds(*preds["val"]) if t.tune_thresholds \
-            else np.full(len(attributes), 0.5)
-        y_test, p_test = preds["test"]
-        metrics = _test_metrics(attributes, y_test, p_test, thresholds)
-        tables.replace(cfg, METRICS, metrics, schema=METRICS_SCHEMA)
-        history = pa.Table.from_pylist(latest["history"], schema=HISTORY_SCHEMA)
-        tables.replace(cfg, HISTORY, history, schema=HISTORY_SCHEMA)
-        mean = metrics.filter(pc.equal(metrics["attribute"], MEAN_ROW)).to_pylist()[0]
-        best_row = max(latest["history"], key=lambda r: r[SCORE])
-        info = AttributeModelInfo(
-            arch=t.arch, attributes=attributes, image_size=t.image_size, pretrained=t.pretrained,
-            trained_on=_trained_on(cfg, manifest, splits),
-            mean=IMAGENET_MEAN, std=IMAGENET_STD, thresholds=[float(x) for x in thresholds],
-            metrics={"best_epoch": int(best["epoch"]), SCORE: float(best_row[SCORE]),
-                     "test_mean_accuracy": mean["accuracy"],
-                     "test_mean_majority_baseline": mean["majority_baseline"],
-                     "test_mean_balanced_accuracy": mean["balanced_accuracy"],
-                     "test_mean_roc_auc": mean["roc_auc"]},
-            version=fp)
-        from pipeline.models import export_attribute_model
-
-        export_attribute_model(model, info, model_loc)  # model.json last = export complete
+        latest, best, best_row, mean = _evaluate_and_export(
+            cfg, result, manifest, splits, attributes, use_gpu, error_log, model_loc, fp)
     finally:
         errors = label_errors + ray.get(error_log.rows.remote())
         tables.write_errors(cfg, STAGE, errors)  # always: a rerun replaces older error rows
@@ -265,6 +174,146 @@ def _run(cfg: Config, *, fail_after_epoch: int | None = None) -> dict:
         "images_per_s": float(np.mean([r["images_per_s"] for r in latest["history"]])),
         "train_seconds": round(train_seconds, 2), "model_uri": model_loc.uri,
     }
+
+
+def _checked_inputs(cfg: Config):
+    """Everything that can be wrong with the input, checked before any work starts; returns
+    (manifest, attributes, use_gpu, rows per split, label error rows)."""
+    from pipeline.ray_runtime import resolve_use_gpu
+
+    manifest = tables.read(cfg, "manifest")
+    attributes = resolve_attributes(cfg, manifest.schema)
+    if not attributes:
+        raise TrainInputError(NO_LABELS.format(dataset=cfg.data.dataset))
+    use_gpu = resolve_use_gpu(cfg, cfg.train.use_gpu)
+    splits, label_errors = split_rows(manifest, attributes)
+    for split in ("train", "val", "test"):
+        if splits[split].num_rows == 0:
+            raise TrainInputError(
+                f"the manifest's {split!r} split is empty (after dropping rows with missing "
+                f"labels); training needs train, val (model selection) and test (evaluation) "
+                f"rows — check data.split_fractions / data.limit or rerun ingest")
+    return manifest, attributes, use_gpu, splits, label_errors
+
+
+def _pos_weight(t, train_rows: pa.Table, attributes: list[str]) -> list[float] | None:
+    """neg/pos per attribute, so a rare attribute's positives weigh as much as its negatives;
+    clipped so a nearly absent attribute cannot dominate the loss (None: train.pos_weight_max
+    is 0, no weighting)."""
+    if t.pos_weight_max <= 0:
+        return None
+    train_prev = _prevalence(train_rows, attributes)
+    pos = np.clip(train_prev, 1e-6, None)
+    return np.minimum((1 - train_prev) / pos, t.pos_weight_max).tolist()
+
+
+def _steps_per_epoch(t, per_worker: int) -> tuple[int, bool]:
+    """Steps per epoch of one worker and whether its last partial batch is dropped."""
+    steps_per_epoch = max(1, math.ceil(per_worker / t.batch_size))
+    drop_last = per_worker >= t.batch_size  # a last batch of 1 breaks BatchNorm in training
+    if drop_last:
+        steps_per_epoch = max(1, per_worker // t.batch_size)
+    if t.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, t.max_steps_per_epoch)
+    return steps_per_epoch, drop_last
+
+
+def _feeds(cfg: Config, splits: dict[str, pa.Table], attributes: list[str], error_log):
+    """(cache, datasets) of the train and val splits: decoded once into the object store when
+    they fit (decoding overlaps Ray Train's start-up), else (None, a Ray Data pipeline per split
+    that decodes again every epoch)."""
+    cache = _cache_splits(cfg, {s: splits[s] for s in ("train", "val")}, attributes, error_log)
+    datasets = None if cache else {s: _image_dataset(cfg, splits[s], attributes, error_log)
+                                   for s in ("train", "val")}
+    return cache, datasets
+
+
+def _loop_config(cfg: Config, attributes: list[str], pos_weight, steps_per_epoch: int,
+                 drop_last: bool, use_gpu: bool, fail_after_epoch: int | None, cache,
+                 log_relay) -> dict:
+    """What every training worker gets (plain values: it goes through Ray)."""
+    t = cfg.train
+    return {
+        "attributes": attributes, "image_size": t.image_size, "epochs": t.epochs,
+        "batch_size": t.batch_size, "lr": t.lr, "weight_decay": t.weight_decay,
+        "schedule": t.schedule, "precision": t.precision, "pos_weight": pos_weight,
+        "augment": t.augment, "pretrained": t.pretrained, "arch": t.arch,
+        "storage": cfg.storage.model_dump(), "download_weights": cfg.weights.download,
+        "seed": cfg.run.seed, "steps_per_epoch": steps_per_epoch,
+        "max_steps_per_epoch": t.max_steps_per_epoch, "drop_last": drop_last,
+        "shuffle_buffer": t.shuffle_buffer_batches * t.batch_size,
+        "log_every": t.log_every_steps, "use_gpu": use_gpu, "fail_after_epoch": fail_after_epoch,
+        "prefetch_batches": t.prefetch_batches, "cache": cache, "log_relay": log_relay,
+    }
+
+
+def _trainer(cfg: Config, loop_config: dict, datasets: dict | None, name: str, runs_loc,
+             world: int, use_gpu: bool):
+    """The TorchTrainer: ``world`` workers, checkpoints kept by val score under ``runs_loc``."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    t = cfg.train
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    run_config = RunConfig(
+        name=name, storage_path=runs_loc.path,
+        storage_filesystem=runs_loc.fs if storage.is_s3(runs_loc.uri) else None,
+        checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints,
+                                           checkpoint_score_attribute=SCORE,
+                                           checkpoint_score_order="max"),
+        # controller_failure_limit: a worker group that cannot start (Ray Train's 60 s start
+        # timeout) fails the run instead of being retried without end (Ray's default is -1)
+        failure_config=FailureConfig(max_failures=t.max_failures,
+                                     controller_failure_limit=t.max_failures),
+    )
+    return TorchTrainer(
+        _train_loop, train_loop_config=loop_config, datasets=datasets,
+        scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu,
+                                     resources_per_worker=resources),
+        run_config=run_config,
+    )
+
+
+def _evaluate_and_export(cfg: Config, result, manifest: pa.Table, splits: dict[str, pa.Table],
+                         attributes: list[str], use_gpu: bool, error_log, model_loc, fp: str):
+    """The best checkpoint's model: thresholds on val (optional), the test split's metrics,
+    ``train/metrics`` and ``train/history``, then the exported model (model.json last).
+    Returns (latest checkpoint, best checkpoint, best history row, the test mean row)."""
+    from pipeline.models import IMAGENET_MEAN, IMAGENET_STD, AttributeModelInfo
+
+    t = cfg.train
+    latest = _load_checkpoint(result.checkpoint)
+    best_ckpt = result.get_best_checkpoint(SCORE, "max") or result.checkpoint
+    best = _load_checkpoint(best_ckpt)
+    model = _model_from_state(attributes, best["model"], t.arch)
+
+    # --- thresholds on val (optional), then the test split's metrics ---
+    wanted = ("val", "test") if t.tune_thresholds else ("test",)
+    preds = _predict(cfg, model, {s: splits[s] for s in wanted}, attributes, use_gpu,
+                     error_log)  # one pass (one actor pool start) over val and test
+    thresholds = tune_thresholds(*preds["val"]) if t.tune_thresholds \
+        else np.full(len(attributes), 0.5)
+    y_test, p_test = preds["test"]
+    metrics = _test_metrics(attributes, y_test, p_test, thresholds)
+    tables.replace(cfg, METRICS, metrics, schema=METRICS_SCHEMA)
+    history = pa.Table.from_pylist(latest["history"], schema=HISTORY_SCHEMA)
+    tables.replace(cfg, HISTORY, history, schema=HISTORY_SCHEMA)
+    mean = metrics.filter(pc.equal(metrics["attribute"], MEAN_ROW)).to_pylist()[0]
+    best_row = max(latest["history"], key=lambda r: r[SCORE])
+    info = AttributeModelInfo(
+        arch=t.arch, attributes=attributes, image_size=t.image_size, pretrained=t.pretrained,
+        trained_on=_trained_on(cfg, manifest, splits),
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, thresholds=[float(x) for x in thresholds],
+        metrics={"best_epoch": int(best["epoch"]), SCORE: float(best_row[SCORE]),
+                 "test_mean_accuracy": mean["accuracy"],
+                 "test_mean_majority_baseline": mean["majority_baseline"],
+                 "test_mean_balanced_accuracy": mean["balanced_accuracy"],
+                 "test_mean_roc_auc": mean["roc_auc"]},
+        version=fp)
+    from pipeline.models import export_attribute_model
+
+    export_attribute_model(model, info, model_loc)  # model.json last = export complete
+    return latest, best, best_row, mean
 
 
 # --------------------------------------------------------------------------------------------

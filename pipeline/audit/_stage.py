@@ -307,8 +307,6 @@ def _near_search(cfg: Config, inp: Inputs):
 
 def run(cfg: Config) -> dict:
     """Write the ``audit/*`` tables (and ``errors/audit.parquet`` under the drop action)."""
-    import ray
-
     t0 = time.time()
     a = cfg.audit
     from pipeline.ray_runtime import ensure_ray
@@ -327,7 +325,48 @@ def run(cfg: Config) -> dict:
     meta = {"faceaudit.audit_near_search": method,
             "faceaudit.audit_pca_fit_rows": f"{inp.fit_rows} of {n} rows (seeded sample)"}
 
-    # --- exact duplicates (content hash) and near duplicates (embedding neighbours)
+    ex_dups, nr_dups, dups, conflicts = _duplicates(cfg, inp, summary)
+    leak, counts = _leakage(rows, ex_dups, nr_dups, summary)
+    # probable label errors per attribute (one Ray task each), rates per group
+    plans, skipped, refs = _submit_label_tasks(cfg, inp, labelled)
+    issue_parts, rate_tables, n_issues = _collect_label_issues(
+        cfg, inp, plans, labelled + [c for c in ("age", "gender", "race") if c in compared],
+        meta, summary)
+    del refs
+    inp.pc_blocks.clear()
+    _drop_parts(cfg, LABEL_ISSUES, len(issue_parts), meta)
+    rates = pl.concat(rate_tables) if rate_tables else pl.DataFrame()
+    dropped = _drop_conflicting(cfg, ex_dups)
+    summary.append({"metric": "dropped_images", "attribute": None, "value": dropped})
+
+    written = {LABEL_ISSUES: sum(issue_parts)}
+    for name, df in ((DUPLICATES, dups), (LABEL_CONFLICTS, conflicts), (LEAKAGE, leak),
+                     (LEAKAGE_COUNTS, counts), (ISSUE_RATES, rates),
+                     (SUMMARY, pl.DataFrame(summary, schema={"metric": pl.String,
+                                                             "attribute": pl.String,
+                                                             "value": pl.Float64}))):
+        written[name] = tables.replace(cfg, name, _arrow(df, name), schema=SCHEMAS[name],
+                                       metadata={**meta, "action": a.action} if name == SUMMARY else meta)
+    return {
+        "images": n,
+        "exact_groups": int(ex_dups["group"].n_unique()) if ex_dups.height else 0,
+        "near_groups": int(nr_dups["group"].n_unique()) if nr_dups.height else 0,
+        "conflict_rows": written[LABEL_CONFLICTS],
+        "leakage_rows": written[LEAKAGE],
+        "label_attributes": [p[0] for p in plans],
+        "label_issues": n_issues,
+        "label_skipped": skipped,
+        "dropped_images": dropped,
+        "seconds": round(time.time() - t0, 2),
+    }
+
+
+def _duplicates(cfg: Config, inp, summary: list[dict]):
+    """Exact duplicates (content hash) and near duplicates (embedding neighbours), their label
+    conflicts and summary rows. Returns (exact, near, all duplicates, conflicts)."""
+    a = cfg.audit
+    rows, compared = inp.rows, inp.compared
+    n = rows.height
     exact = dup.exact_groups(rows["content_hash"])
     pi, pj, pd_, nearest = _near_search(cfg, inp)
     inp.near_blocks.clear()  # frees them in the object store
@@ -360,8 +399,13 @@ def run(cfg: Config) -> dict:
     if conflicts.height:
         for (kind, attr), g in conflicts.group_by("kind", "attribute"):
             summary.append({"metric": f"{kind}_conflicts", "attribute": attr, "value": g.height})
+    return ex_dups, nr_dups, dups, conflicts
 
-    # --- leakage across splits: duplicate groups, then identities
+
+def _leakage(rows: pl.DataFrame, ex_dups: pl.DataFrame, nr_dups: pl.DataFrame,
+             summary: list[dict]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Leakage across splits: duplicate groups, then identities; (rows, counts)."""
+    n = rows.height
     leak_rows, leak_counts = [], []
     for kind, d in (("exact_duplicate", ex_dups), ("near_duplicate", nr_dups)):
         if d.height:
@@ -381,10 +425,17 @@ def run(cfg: Config) -> dict:
         k_rows = leak.filter(pl.col("kind") == kind) if leak.height else leak
         summary.append({"metric": "leaking_groups", "attribute": kind,
                         "value": k_rows["key"].n_unique() if k_rows.height else 0})
+    return leak, counts
 
-    # --- probable label errors per attribute (one Ray task each), rates per group
+
+def _submit_label_tasks(cfg: Config, inp, labelled: list[str]):
+    """One cross-validated label task per audited attribute; returns (plans, skipped attributes
+    with why, the tasks' shared object refs: kept until every task is collected)."""
+    import ray
+
+    a = cfg.audit
+    rows = inp.rows
     attrs = _audited_attributes(cfg, rows, labelled)
-    present = labelled + [c for c in ("age", "gender", "race") if c in compared]
     xnames = _design_names(cfg, inp)
     A_ref = ray.put(_annotations(cfg, inp))
     order_ref = ray.put(np.concatenate(inp.block_rows) if inp.block_rows
@@ -413,7 +464,17 @@ def run(cfg: Config) -> dict:
         plans.append((attr, cats_kept.tolist(), rows_idx, codes,
                       task.remote(A_ref, order_ref, rows_idx, np.asarray(cols), codes,
                                   a.cv_folds, seed, *inp.pc_blocks)))
-    # one attribute's rows at a time on the driver: each is its own part of audit/label_issues
+    return plans, skipped, (A_ref, order_ref)
+
+
+def _collect_label_issues(cfg: Config, inp, plans: list, present: list[str], meta: dict,
+                          summary: list[dict]) -> tuple[list[int], list[pl.DataFrame], int]:
+    """One attribute's rows at a time on the driver: each is its own part of
+    audit/label_issues. Returns (rows per part, issue-rate tables, issue count)."""
+    import ray
+
+    a = cfg.audit
+    rows = inp.rows
     issue_parts, rate_tables, n_issues = [], [], 0
     for attr, cats, rows_idx, codes, ref in plans:
         probs = ray.get(ref)
@@ -448,12 +509,13 @@ def run(cfg: Config) -> dict:
                     {"metric": "label_majority_share", "attribute": attr, "value": majority}]
         log.info("[audit] %s: %d of %d labels suspect (label model accuracy %.3f, majority "
                  "%.3f)", attr, int(is_issue.sum()), len(codes), acc, majority)
-    del A_ref, order_ref
-    inp.pc_blocks.clear()
-    _drop_parts(cfg, LABEL_ISSUES, len(issue_parts), meta)
-    rates = pl.concat(rate_tables) if rate_tables else pl.DataFrame()
+    return issue_parts, rate_tables, n_issues
 
-    # --- the action: drop exact duplicates whose labels conflict (recorded in errors/)
+
+def _drop_conflicting(cfg: Config, ex_dups: pl.DataFrame) -> int:
+    """The action: drop exact duplicates whose labels conflict (recorded in errors/); returns
+    how many images were dropped."""
+    a = cfg.audit
     dropped = 0
     tables.clear_errors(cfg, STAGE)
     if a.action == DROP and ex_dups.height:
@@ -467,28 +529,7 @@ def run(cfg: Config) -> dict:
                 for r in bad.iter_rows(named=True)]
         if errs:
             dropped = tables.write_errors(cfg, STAGE, errs)
-    summary.append({"metric": "dropped_images", "attribute": None, "value": dropped})
-
-    written = {LABEL_ISSUES: sum(issue_parts)}
-    for name, df in ((DUPLICATES, dups), (LABEL_CONFLICTS, conflicts), (LEAKAGE, leak),
-                     (LEAKAGE_COUNTS, counts), (ISSUE_RATES, rates),
-                     (SUMMARY, pl.DataFrame(summary, schema={"metric": pl.String,
-                                                             "attribute": pl.String,
-                                                             "value": pl.Float64}))):
-        written[name] = tables.replace(cfg, name, _arrow(df, name), schema=SCHEMAS[name],
-                                       metadata={**meta, "action": a.action} if name == SUMMARY else meta)
-    return {
-        "images": n,
-        "exact_groups": int(ex_dups["group"].n_unique()) if ex_dups.height else 0,
-        "near_groups": int(nr_dups["group"].n_unique()) if nr_dups.height else 0,
-        "conflict_rows": written[LABEL_CONFLICTS],
-        "leakage_rows": written[LEAKAGE],
-        "label_attributes": [p[0] for p in plans],
-        "label_issues": n_issues,
-        "label_skipped": skipped,
-        "dropped_images": dropped,
-        "seconds": round(time.time() - t0, 2),
-    }
+    return dropped
 
 
 def excluded_image_ids(cfg: Config) -> list[str]:
