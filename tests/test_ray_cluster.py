@@ -60,15 +60,17 @@ TINY = [
 # Folders each stage writes under output.root (what a forced rerun of the stage must recreate).
 OUTPUTS = {
     "ingest": ["manifest"], "train_attributes": ["models"], "extract": ["features"],
+    "attribute_head": ["models"],  # head.npz beside the attribute model (skipped unless enabled)
     "cluster": ["clusters"], "audit": ["audit"], "classify": ["classifiers"], "explain": ["shap"],
     "report": ["report"],
 }
 STAGE_ORDER = list(OUTPUTS)
 JOB_TIMEOUT_S = 900
 # When to kill the worker node: this many seconds after this line shows in the job's logs.
-# extract: once its Ray Data pipeline runs (decode tasks and inference actors in flight);
-# classify: once the stage started (its fit tasks follow within seconds).
-KILL_AFTER = {"extract": ("Starting execution of Dataset", 3.0),
+# extract: once it has planned its shards (its Ray Data pipeline starts right after: decode
+# tasks and inference actors in flight; Ray Data's own "Starting execution" line stays in Ray's
+# logs since the quiet console); classify: once the stage started (fit tasks follow within s).
+KILL_AFTER = {"extract": ("shards; 0 done", 8.0),
               "classify": ("[classify] starting", 8.0)}
 
 
