@@ -32,7 +32,6 @@ import io
 import json
 import logging
 import time
-from typing import Any
 
 import numpy as np
 import pyarrow as pa

@@ -585,7 +585,6 @@ def _plots(units: list[_Unit], top_k: int) -> dict[str, bytes]:
         groups.setdefault((u.spec.model, u.spec.sampling), []).append(u)
     show = max(top_k, 10)
     for (model, sampling), us in sorted(groups.items()):
-        stem = f"{model}__{sampling}"
         glob = next((u for u in us if u.spec.cluster is None), None)
         by_cluster = {u.spec.cluster: u for u in us if u.spec.cluster is not None}
         clusters = sorted(set(by_cluster) | {k for k in (glob.sums if glob else {}) if k is not None})

@@ -22,7 +22,7 @@ from pipeline.audit._schemas import (DUPLICATES, ISSUE_RATES, LABEL_CONFLICTS, L
 from pipeline.cluster import PRIMARY  # clusters/primary, owned by cluster
 from pipeline.config import Config
 from pipeline.schemas import manifest_attributes
-from pipeline.seeds import derive_seed, sample_indices
+from pipeline.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 STAGE = "audit"
