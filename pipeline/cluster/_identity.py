@@ -63,13 +63,18 @@ def identity_table(assignments: pa.Table, manifest: pa.Table, seed: int = 0
     col = identity_column(manifest)
     if col is None:
         return None, None
+    import polars as pl
+
+    # an Arrow join, not a per-row dict and a pandas copy: assignments hold every row once per
+    # kept clustering (2.4 M rows for 202,599 images x 12 clusterings)
     known = manifest.filter(pc.is_valid(manifest[col]))
-    who = dict(zip(known["image_id"].to_pylist(), known[col].cast(pa.string()).to_pylist()))
+    who = pl.from_arrow(known.select(["image_id", col])).select(
+        "image_id", pl.col(col).cast(pl.String).alias("person"))
+    df = pl.from_arrow(assignments.select(["image_id", "space", "algorithm", "k", "cluster"])
+                       ).join(who, on="image_id", how="inner")
     rows = []
-    df = assignments.select(["image_id", "space", "algorithm", "k", "cluster"]).to_pandas()
-    df["person"] = df["image_id"].map(who)
-    df = df[df["person"].notna()]
-    for (space, algo, k), g in df.groupby(["space", "algorithm", "k"], sort=True):
+    for (space, algo, k), g in sorted(df.partition_by(["space", "algorithm", "k"],
+                                                       as_dict=True).items()):
         rows.append({"space": space, "algorithm": algo, "k": int(k), "identity_column": col,
                      **identity_metrics(g["cluster"].to_numpy(), g["person"].to_numpy(), seed)})
     return pa.Table.from_pylist(rows, schema=IDENTITY_SCHEMA), col

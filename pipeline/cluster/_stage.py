@@ -507,17 +507,17 @@ def _write_identity(cfg: Config, rows: dict[str, int], meta: dict) -> str | None
     """S3: identity purity of every kept clustering, where the manifest names people; adds its
     row count to ``rows`` and returns the identity column used (None: none)."""
     from pipeline.cluster._identity import IDENTITY_COLUMNS, identity_table
-    from pipeline.cluster._schemas import IDENTITY_SCHEMA
+    from pipeline.cluster._schemas import ASSIGNMENTS, IDENTITY, IDENTITY_SCHEMA
 
     man_cols = storage.read_schema(tables.location(cfg, "manifest")).names
     # read back with only the key columns: assignments were written one clustering at a time
-    rows_assign = tables.read(cfg, "clusters/assignments",
+    rows_assign = tables.read(cfg, ASSIGNMENTS,
                               columns=["image_id", "space", "algorithm", "k", "cluster"])
     ident, ident_col = identity_table(rows_assign, tables.read(
         cfg, "manifest", columns=["image_id", *[c for c in IDENTITY_COLUMNS if c in man_cols]]),
         seed=derive_seed(cfg.run.seed, STAGE, "identity"))
-    storage.delete(tables.location(cfg, "clusters/identity"))  # none of an earlier run survives
+    storage.delete(tables.location(cfg, IDENTITY))  # none of an earlier run survives
     if ident is not None:
-        rows["clusters/identity"] = tables.replace(cfg, "clusters/identity", ident,
-                                                   schema=IDENTITY_SCHEMA, metadata=meta)
+        rows[IDENTITY] = tables.replace(cfg, IDENTITY, ident,
+                                        schema=IDENTITY_SCHEMA, metadata=meta)
     return ident_col
