@@ -29,4 +29,11 @@ class TableSettings:
             raise KeyError(f"{table} metadata lacks {missing} (written by a {cls.STAGE} stage "
                            f"older than this reader): rerun {cls.STAGE} "
                            f"(python -m jobs.{cls.STAGE} --force)")
-        return cls(**{f.name: _READ.get(str(f.type), str)(md[f.name]) for f in fields(cls)})
+        return cls(**{f.name: _READ.get(_type_name(f.type), str)(md[f.name])
+                      for f in fields(cls)})
+
+
+def _type_name(t) -> str:
+    """A field's annotation as written: a string under ``from __future__ import annotations``,
+    else the type itself (``int`` -> "int", ``tuple[str, ...]`` -> "tuple[str, ...]")."""
+    return t if isinstance(t, str) else (t.__name__ if isinstance(t, type) else str(t))
