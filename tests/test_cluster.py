@@ -321,3 +321,19 @@ def test_identity_purity_of_a_clustering_that_keeps_people_together():
     assert split["identity_consistency"] == 0.5 and split["nmi"] == pytest.approx(0.0, abs=1e-9)
     assert together["nmi"] > 0.5
     assert together["n_identities"] == 3 and together["identities_with_two_or_more"] == 3
+
+
+def test_features_rows_without_a_manifest_row_are_left_out_with_a_reason(tmp_path):
+    from pipeline.cluster._spaces import load_inputs
+
+    cfg = _planted_cfg(tmp_path)
+    manifest = write_tiny_manifest(cfg, n=12, size=(32, 32))
+    _write_planted_features(cfg, manifest)
+    feats = tables.read(cfg, "features")
+    orphan = feats.slice(0, 2).set_column(0, "image_id", pa.array(["zz_orphan_1.jpg",
+                                                                    "zz_orphan_0.jpg"]))
+    tables.replace(cfg, "features", pa.concat_tables([feats, orphan]))
+    inp = load_inputs(cfg, need_embedding=True)
+    assert sorted(inp.features["image_id"].to_pylist()) == sorted(manifest["image_id"].to_pylist())
+    assert sorted(e["image_id"] for e in inp.errors) == ["zz_orphan_0.jpg", "zz_orphan_1.jpg"]
+    assert all("no manifest row" in e["reason"] for e in inp.errors)

@@ -172,8 +172,12 @@ def source_dirs(annotations: str = "", images_from: str = "", workdir: str = "",
 
 
 def run(cfg, images: int = 202599, compare: int = 20000, workdir: str = "",
-        annotations: str = "", images_from: str = "", keep: bool = True) -> dict:
+        annotations: str = "", images_from: str = "", keep: bool = True,
+        stages: str = "") -> dict:
+    """``stages`` (comma-separated stage names): run only those, on each size's existing run
+    folder (the earlier stages' outputs kept), e.g. to rerun the stages after a fix."""
     annotations_dir, images_dir, work = source_dirs(annotations, images_from, workdir)
+    only = [s.strip() for s in stages.split(",") if s.strip()] or None
     sizes = sorted({int(compare), int(images)})
     results: dict[int, list[dict]] = {}
     for n in sizes:
@@ -181,9 +185,9 @@ def run(cfg, images: int = 202599, compare: int = 20000, workdir: str = "",
         folder = layout_celeba(work / f"celeba-{n}", n, annotations_dir, images_dir)
         log.info("[bench scale] %d-image folder ready in %.1f s", n, time.perf_counter() - t)
         out = work / f"run-{n}"
-        if out.exists():
+        if out.exists() and only is None:
             shutil.rmtree(out)
-        results[n] = run_size(cfg, folder, out)
+        results[n] = run_size(cfg, folder, out, only)
         if not keep:
             shutil.rmtree(out, ignore_errors=True)
     table = compare_sizes(results, sizes)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 from sklearn.decomposition import PCA
 
 from pipeline import storage, tables
@@ -262,14 +263,17 @@ def _embedding_block(cfg: Config, m: pl.DataFrame, feats: pa.Table, notes: dict
     c = cfg.classify
     emb = feats.select(["image_id", "embedding"])
     ids = emb.column("image_id").to_numpy(zero_copy_only=False)
+    train_ids = m.filter(pl.col("split") == "train")["image_id"].to_arrow()
+    # a hash lookup: numpy's isin on object arrays compares every pair (3e10 at full CelebA)
+    is_train = pc.is_in(emb.column("image_id"),
+                        value_set=train_ids.cast(emb.schema.field("image_id").type)).to_numpy(
+        zero_copy_only=False)
     col = emb.column("embedding").combine_chunks()
     if col.null_count:
         raise ValueError("features/embedding has null rows; rerun extract")
     # float32 as extracted (a float64 copy is 2 GB at 202,599 x 1280)
     E = col.flatten().to_numpy().reshape(len(col), -1)
     del emb, col
-    train_ids = m.filter(pl.col("split") == "train")["image_id"].to_numpy()
-    is_train = np.isin(ids, train_ids)
     k = min(c.embedding_components, E.shape[1], int(is_train.sum()))
     if k < 1:
         raise ValueError("no train rows with an embedding to fit the PCA on")
