@@ -404,15 +404,18 @@ def list_root(root: storage.Location) -> pl.DataFrame:
 def _list(root: storage.Location) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The listing and one errors row per entry it left out (a symlink out of the root or round
     a loop, a broken link, a name that is not UTF-8; see :func:`storage.list_tree`)."""
-    infos, skipped = storage.list_tree(root, recursive=True)
+    files, skipped = storage.list_table(root, recursive=True)
     errs = pl.DataFrame({"image_id": [None] * len(skipped), "uri": [k.uri for k in skipped],
                          "reason": [f"not listed: {k.reason}" for k in skipped]}, schema=_ERR_COLS)
+    df = pl.from_arrow(files.select(["path", "size"]))
+    del files
     base = root.path.rstrip("/") + "/"
-    rel = [i.path[len(base):] if i.path.startswith(base) else posixpath.relpath(i.path, root.path)
-           for i in infos]
-    return pl.DataFrame({"rel": rel, "path": [i.path for i in infos],
-                         "size": [i.size for i in infos]},
-                        schema={"rel": pl.Utf8, "path": pl.Utf8, "size": pl.Int64}), errs
+    under = pl.col("path").str.starts_with(base)
+    rel = pl.col("path").str.slice(len(base))
+    if not df.select(under.all()).item():  # paths not spelled from the root (none locally)
+        rel = pl.when(under).then(rel).otherwise(pl.col("path").map_elements(
+            lambda p: posixpath.relpath(p, root.path), return_dtype=pl.Utf8))
+    return df.select(rel.alias("rel"), "path", "size"), errs
 
 
 def _uri_expr(root: storage.Location) -> pl.Expr:
