@@ -793,6 +793,7 @@ def build_manifest(cfg: Config, listing: pl.DataFrame | None = None) -> tuple[pa
         storage.check_readable(root)  # bad endpoint / bucket / keys: one line, before any work
         listing, skipped = _list(root)
     df, err_frames, attributes, details = ADAPTERS[cfg.data.dataset](cfg, root, listing)
+    del listing  # one row per file; the manifest has what it needs from it
     err_frames = [skipped, *err_frames]
     schema = manifest_schema(attributes)
     df = df.with_columns(_uri_expr(root), pl.lit(cfg.data.dataset).alias("dataset"))
@@ -808,7 +809,15 @@ def build_manifest(cfg: Config, listing: pl.DataFrame | None = None) -> tuple[pa
         df = df[np.sort(order)]
     df = draw_split(cfg, df, details)  # after the limit: the subset gets all three splits
     check_split(df, details)
-    manifest = storage.conform(df.select([f.name for f in schema]).to_arrow(), schema)
+    # Converted one column at a time, each let go of once converted, so the driver never holds
+    # the whole manifest twice (polars and Arrow) nor its strings three times (issue 16).
+    df = df.select([f.name for f in schema])
+    cols = {}
+    for f in schema:
+        cols[f.name] = df.get_column(f.name).to_arrow().cast(f.type)
+        df = df.drop(f.name)
+    manifest = storage.conform(pa.table(cols), schema)
+    del cols
     errs = [e for e in err_frames if e.height]
     err_df = pl.concat([e.select(list(_ERR_COLS)).cast(_ERR_COLS) for e in errs], how="vertical") \
         if errs else _no_errors()
