@@ -11,9 +11,10 @@ Adapters (``data.dataset``):
 * ``folder`` -- any folder of images, no labels.
 
 How it stays fast: the root is listed ONCE (one recursive listing finds the annotation files and
-every image with its size), annotation files are read whole and parsed with polars string kernels
-(tokenise, validate and convert all rows at once), and the joins between annotations and the
-listing are polars joins. 202,599 CelebA rows parse in about a second
+every image with its size, into Arrow columns), annotation files are read whole and parsed with
+polars string kernels in pieces of about 1 MiB (tokenise, validate and convert a piece's rows at
+once; the driver holds one piece's lines and tokens, not the whole file's), and the joins between
+annotations and the listing are polars joins. 202,599 CelebA rows parse in about a second
 (``python -m jobs.benchmark ingest``).
 
 Nothing is dropped silently: every input that cannot be used becomes a row of ``errors/`` with
