@@ -627,6 +627,9 @@ def _celeba(cfg: Config, root: storage.Location, listing: pl.DataFrame):
                                    root, cfg.data.max_image_bytes)
     errs.append(zero)
     df = ann.join(imgs, on="image_id", how="inner")
+    # One row per image each: let go of them before the next file is parsed (its working memory
+    # can then reuse theirs).
+    del attr, ann, imgs, missing, unannotated
 
     # Official split.
     part_rel = _find(listing, CELEBA_FILES["partition"])
@@ -651,6 +654,7 @@ def _celeba(cfg: Config, root: storage.Location, listing: pl.DataFrame):
                 "image_id", _uri_expr(root),
                 pl.lit(f"no valid row in {posixpath.basename(part_rel)} (no split)").alias("reason")))
         df = df.join(part_rows, on="image_id", how="inner")
+        del part, part_rows, no_split
         details["split_source"] = part_rel
     else:
         log.warning("%s: no list_eval_partition file; splits drawn from the seed "
