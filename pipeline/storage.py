@@ -26,6 +26,7 @@ from functools import lru_cache
 from typing import Iterable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -251,7 +252,10 @@ def _walk_local(root: str, recursive: bool) -> tuple[pa.Table, list[Skipped]]:
 
     def visit(folder: str, real_folder: str) -> None:
         listed_dirs.setdefault(real_folder, folder)
-        plain: list[str] = []  # plain files: names only (most entries)
+        # Plain files (most entries) as Arrow string chunks of names: a Python list of every
+        # name would leave its memory pinned by whatever is allocated while it lives.
+        plain: list[pa.Array] = []
+        names: list[str] = []
         other: list[tuple[str, os.DirEntry, OSError | None]] = []  # folders, links, odd names
         try:
             with os.scandir(folder) as it:
@@ -263,19 +267,26 @@ def _walk_local(root: str, recursive: bool) -> tuple[pa.Table, list[Skipped]]:
                         if entry.is_symlink() or entry.is_dir(follow_symlinks=False):
                             other.append((entry.name, entry, None))
                         elif entry.is_file(follow_symlinks=False):
-                            plain.append(entry.name)
+                            names.append(entry.name)
+                            if len(names) == _LIST_BATCH:
+                                plain.append(pa.array(names, pa.string()))
+                                names = []
                     except OSError as exc:
                         other.append((entry.name, entry, exc))
         except FileNotFoundError:
             return
-        plain.sort()
+        plain.append(pa.array(names, pa.string()))
+        del names
+        # Arrow sorts UTF-8 bytewise, which is code point order: the order sorted() gives.
+        sorted_names = pa.concat_arrays(plain)
+        sorted_names = sorted_names.take(pc.sort_indices(sorted_names))
+        del plain
         other.sort(key=lambda o: o[0])
         prefix = real_folder.rstrip("/") + "/"
-        done = 0  # plain files listed so far
-        for name, entry, exc in other:
-            at = bisect.bisect_left(plain, name, done)
-            add_plain(folder, plain[done:at])  # the plain files named before this entry
-            done = at
+        pending = iter(other)
+        nxt = next(pending, None)
+
+        def handle(name: str, entry: os.DirEntry, exc: OSError | None) -> None:
             path = entry.path
             if not _utf8(name):
                 skipped.append(Skipped(_printable(path), "file name is not valid UTF-8; "
@@ -287,7 +298,21 @@ def _walk_local(root: str, recursive: bool) -> tuple[pa.Table, list[Skipped]]:
             elif recursive:  # a folder
                 seen_dirs.add(prefix + name)
                 visit(path, prefix + name)
-        add_plain(folder, plain[done:])
+
+        for lo in range(0, len(sorted_names), _LIST_BATCH):
+            chunk = sorted_names.slice(lo, _LIST_BATCH).to_pylist()
+            done = 0  # plain files of this chunk listed so far
+            # the entries named before this chunk's last file, each at its place
+            while nxt is not None and nxt[0] < chunk[-1]:
+                at = bisect.bisect_left(chunk, nxt[0], done)
+                add_plain(folder, chunk[done:at])
+                done = at
+                handle(*nxt)
+                nxt = next(pending, None)
+            add_plain(folder, chunk[done:])
+        while nxt is not None:
+            handle(*nxt)
+            nxt = next(pending, None)
 
     def listed_as(real: str) -> str | None:
         """The path a file was already listed as (``real``: its real path), None if not yet."""
