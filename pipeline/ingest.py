@@ -11,9 +11,10 @@ Adapters (``data.dataset``):
 * ``folder`` -- any folder of images, no labels.
 
 How it stays fast: the root is listed ONCE (one recursive listing finds the annotation files and
-every image with its size), annotation files are read whole and parsed with polars string kernels
-(tokenise, validate and convert all rows at once), and the joins between annotations and the
-listing are polars joins. 202,599 CelebA rows parse in about a second
+every image with its size, into Arrow columns), annotation files are read whole and parsed with
+polars string kernels in pieces of about 1 MiB (tokenise, validate and convert a piece's rows at
+once; the driver holds one piece's lines and tokens, not the whole file's), and the joins between
+annotations and the listing are polars joins. 202,599 CelebA rows parse in about a second
 (``python -m jobs.benchmark ingest``).
 
 Nothing is dropped silently: every input that cannot be used becomes a row of ``errors/`` with
@@ -37,6 +38,7 @@ from __future__ import annotations
 import logging
 import posixpath
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -100,28 +102,115 @@ class Parsed:
 # Parsing
 
 
-def _lines(data: bytes, uri: str) -> tuple[list[str], list[dict]]:
-    """The file's lines, and one errors row per line that is not UTF-8 (left out as blank)."""
-    try:
-        return data.decode("utf-8-sig").splitlines(), []  # -sig: a BOM; splitlines: CRLF too
-    except UnicodeDecodeError:
-        pass
-    name = posixpath.basename(uri)
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    lines, errors = [], []
-    for i, raw in enumerate(data.split(b"\n")):
+# Lines are read and parsed in pieces of about this many bytes: the driver then holds the file's
+# bytes, one piece's lines and tokens, and the compact typed rows, never a Python string per line
+# of the whole file nor a 41-token list per row of it (issue 16: 202,599 rows took +320 MiB).
+CHUNK_BYTES = 1 << 20
+
+
+def _pieces(data: bytes, start: int, size: int) -> Iterator[tuple[bytes, bool]]:
+    """``data[start:]`` cut just after a newline about every ``size`` bytes, each with whether it
+    is the last piece. A newline byte is never part of a multi-byte UTF-8 sequence, and
+    str.splitlines never joins a "\\n" with what follows it, so each piece decodes and splits
+    alone exactly as it would inside the whole file."""
+    n = len(data)
+    while start < n:
+        end = data.find(b"\n", start + size - 1)
+        end = n if end < 0 else end + 1
+        yield data[start:end], end == n
+        start = end
+
+
+class _Lines:
+    """The lines of an annotation file, in pieces (as :func:`str.splitlines` of the file decoded
+    with a leading BOM dropped). A file that is not all UTF-8 is split on "\\n" instead (a
+    trailing "\\r" dropped), and each line that does not decode becomes a blank line and an
+    errors row (``errors``, in line order) so the numbering holds.
+
+    ``line()`` / ``advance()`` step through the first lines (count line, header); ``rest()``
+    then gives the remaining lines as (0-based number of the first, lines) pieces."""
+
+    def __init__(self, data: bytes, uri: str, size: int = CHUNK_BYTES):
+        self.errors: list[dict] = []
+        self._data, self._uri, self._size = data, uri, size
         try:
-            lines.append(raw.decode("utf-8").rstrip("\r"))
-        except UnicodeDecodeError as exc:
-            lines.append("")  # keeps the numbering; a blank line is no row
-            errors.append({"image_id": None, "uri": uri,
-                           "reason": f"{name} line {i + 1}: not valid UTF-8 (byte "
-                                     f"{raw[exc.start:exc.start + 1]!r} at column "
-                                     f"{exc.start + 1}); line left out"})
-    if not any(x.strip() for x in lines):
-        raise ValueError(f"{uri}: not a UTF-8 text file (no line decodes as UTF-8)")
-    return lines, errors
+            for piece, _ in _pieces(data, 0, size):
+                piece.decode("utf-8")  # a check only: each piece is decoded again when used
+            self._utf8 = True
+        except UnicodeDecodeError:
+            self._utf8 = False
+            if not any(x.strip() for lines in self._raw_pieces(None) for x in lines):
+                raise ValueError(f"{uri}: not a UTF-8 text file (no line decodes as UTF-8)") \
+                    from None
+        self._src = self._decoded() if self._utf8 else self._raw_pieces(self.errors)
+        self._buf: list[str] = []
+        self._i = 0  # index in _buf of the current line
+        self._base = 0  # line number (0-based) of _buf[0]
+
+    def _decoded(self) -> Iterator[list[str]]:
+        first = True
+        for piece, _ in _pieces(self._data, 0, self._size):
+            # -sig: a BOM at the start of the file; splitlines: CRLF too
+            yield piece.decode("utf-8-sig" if first else "utf-8").splitlines()
+            first = False
+
+    def _raw_pieces(self, errors: list[dict] | None) -> Iterator[list[str]]:
+        name = posixpath.basename(self._uri)
+        start = 3 if self._data.startswith(b"\xef\xbb\xbf") else 0
+        number = 0
+        for piece, last in _pieces(self._data, start, self._size):
+            raws = piece.split(b"\n")
+            if not last:
+                raws.pop()  # the empty rest after the piece's final "\n" (next piece's first line)
+            lines = []
+            for raw in raws:
+                number += 1
+                try:
+                    lines.append(raw.decode("utf-8").rstrip("\r"))
+                except UnicodeDecodeError as exc:
+                    lines.append("")  # keeps the numbering; a blank line is no row
+                    if errors is not None:
+                        errors.append({"image_id": None, "uri": self._uri,
+                                       "reason": f"{name} line {number}: not valid UTF-8 (byte "
+                                                 f"{raw[exc.start:exc.start + 1]!r} at column "
+                                                 f"{exc.start + 1}); line left out"})
+            yield lines
+
+    def _fill(self) -> bool:
+        while self._i >= len(self._buf):
+            nxt = next(self._src, None)
+            if nxt is None:
+                return False
+            self._base += len(self._buf)
+            self._buf, self._i = nxt, 0
+        return True
+
+    @property
+    def pos(self) -> int:
+        """0-based number of the current line (the number of lines when all are read)."""
+        self._fill()
+        return self._base + self._i
+
+    def line(self) -> str | None:
+        """The current line, None past the end."""
+        return self._buf[self._i] if self._fill() else None
+
+    def advance(self) -> None:
+        self._i += 1
+
+    def skip_blank(self) -> None:
+        while (x := self.line()) is not None and not x.strip():
+            self.advance()
+
+    def rest(self) -> Iterator[tuple[int, list[str]]]:
+        """The lines not yet stepped through, in pieces; at least one piece (maybe empty)."""
+        self._fill()
+        yield self._base + self._i, self._buf[self._i:]
+        self._base += len(self._buf)
+        self._buf, self._i = [], 0
+        for lines in self._src:
+            yield self._base, lines
+            self._base += len(lines)
 
 
 # Names an annotation column may not take: the manifest's own columns and the parser's working
@@ -153,42 +242,45 @@ def _squeeze_spaces(s: pl.Series) -> pl.Series:
 
 
 def parse_annotation(data: bytes, uri: str, *, csv: bool, count_line: bool, header: bool,
-                     columns: list[str] | None = None, kind: str = "pm1") -> Parsed:
+                     columns: list[str] | None = None, kind: str = "pm1",
+                     chunk_bytes: int = CHUNK_BYTES) -> Parsed:
     """Parse a CelebA-style annotation file (``image_id v1 v2 ...`` per line), vectorised.
 
     ``csv``: comma-separated with an ``image_id,...`` header (Kaggle) instead of runs of spaces.
     ``count_line``: the first line is the number of images (CelebA txt). ``header``: a line of
     column names follows (the names are taken from it; ``columns`` names them when there is
     none). ``kind``: ``pm1`` values must be 1 / -1 (become booleans), ``int`` must be integers.
+    The body is parsed in pieces of about ``chunk_bytes`` (:class:`_Lines`); the result does
+    not depend on it.
     """
     name = posixpath.basename(uri)
-    lines, errors = _lines(data, uri)
-    pos = 0
+    lines = _Lines(data, uri, chunk_bytes)
+    errors: list[dict] = []
     # Skip leading blank lines so a stray empty first line does not shift the header.
-    while pos < len(lines) and not lines[pos].strip():
-        pos += 1
+    lines.skip_blank()
     declared = None
     if count_line and not csv:
-        first = lines[pos].strip() if pos < len(lines) else ""
+        first = (lines.line() or "").strip()
         if first.isdigit():
             declared = int(first)
-            pos += 1
+            lines.advance()
         else:
             errors.append({"image_id": None, "uri": uri,
-                           "reason": f"{name} line {pos + 1}: expected the image count, found "
-                                     f"{first[:40]!r}; reading on without it"})
-        while pos < len(lines) and not lines[pos].strip():  # blank lines before the header
-            pos += 1
+                           "reason": f"{name} line {lines.pos + 1}: expected the image count, "
+                                     f"found {first[:40]!r}; reading on without it"})
+        lines.skip_blank()  # blank lines before the header
     keep_pos: list[int] | None = None  # value positions kept (None: all)
     if header:
-        if pos >= len(lines):
+        head = lines.line()
+        if head is None:
             raise ValueError(f"{uri}: empty file (expected a header line of column names)")
-        tokens = [t.strip() for t in lines[pos].split(",")] if csv else lines[pos].split()
-        pos += 1
+        tokens = [t.strip() for t in head.split(",")] if csv else head.split()
+        lines.advance()
+        pos = lines.pos
         if csv:
             if not tokens or tokens[0] != "image_id":
                 raise ValueError(f"{uri}: expected a CSV header starting with 'image_id', found "
-                                 f"{lines[pos - 1][:60]!r}")
+                                 f"{head[:60]!r}")
             tokens = tokens[1:]
             empty = [i for i, t in enumerate(tokens) if not t]
             if empty:
@@ -214,59 +306,24 @@ def parse_annotation(data: bytes, uri: str, *, csv: bool, count_line: bool, head
     if not names:
         raise ValueError(f"{uri}: no value columns in the header")
 
-    body = pl.DataFrame({"raw": lines[pos:]}, schema={"raw": pl.Utf8}).with_row_index(
-        "line", offset=pos + 1)
-    body = body.filter(pl.col("raw").str.strip_chars() != "")
-    data_lines = body.height
+    positions = keep_pos if keep_pos is not None else list(range(len(names)))
+    goods, bad_ns, bad_vs, data_lines = [], [], [], 0
+    for start, piece in lines.rest():
+        good, bad_n, bad_v, n = _parse_rows(piece, start, uri, csv=csv, want=n_fields + 1,
+                                            positions=positions, names=names, kind=kind)
+        goods.append(good)
+        bad_ns += [bad_n] if bad_n.height else []
+        bad_vs += [bad_v] if bad_v.height else []
+        data_lines += n
+    good = pl.concat(goods, how="vertical")
+    del goods
     if declared is not None and declared != data_lines:
         errors.append({"image_id": None, "uri": uri,
                        "reason": f"{name} line 1 declares {declared} images but the file has "
                                  f"{data_lines} annotation rows; all valid rows kept"})
-    # csv: split on commas (an empty field still counts as a column); txt: runs of whitespace.
-    if csv:
-        body = body.with_columns(pl.col("raw").str.strip_chars().str.split(",").alias("tok"))
-    else:
-        body = body.with_columns(_squeeze_spaces(body["raw"]).str.split(" ").alias("tok"))
-    body = body.with_columns(pl.col("tok").list.len().alias("n"))
-    want = n_fields + 1
-    positions = keep_pos if keep_pos is not None else list(range(len(names)))
-    bad_n = body.filter(pl.col("n") != want)
+    errors = lines.errors + errors  # the undecodable lines first, as they are met first
     err_frames = [pl.DataFrame(errors, schema=_ERR_COLS)] if errors else []
-    if bad_n.height:
-        err_frames.append(bad_n.select(
-            pl.col("tok").list.first().alias("image_id"), pl.lit(uri).alias("uri"),
-            pl.format("{} line {}: expected {} columns (image id + {} values), found {}",
-                      pl.lit(name), pl.col("line"), pl.lit(want), pl.lit(want - 1),
-                      pl.col("n")).alias("reason")))
-    good = body.filter(pl.col("n") == want).select(
-        pl.col("tok").list.get(0).str.strip_chars().alias("image_id"), "line",
-        *[pl.col("tok").list.get(i + 1).str.strip_chars().alias(c)
-          for i, c in zip(positions, names)])
-
-    # Values: find the first bad value of each row (one vectorised pass per column).
-    if kind == "pm1":
-        ok = [pl.col(c).is_in(["1", "-1"]) for c in names]
-        expect = "1 or -1"
-    else:
-        ok = [pl.col(c).str.strip_chars().cast(pl.Int64, strict=False).is_not_null() for c in names]
-        expect = "an integer"
-    # Messages are built only for the (few) bad rows: formatting 40 strings for every row of a
-    # 200k-row file would cost more than the whole parse.
-    good = good.with_columns(pl.all_horizontal(ok).alias("_ok"))
-    bad_v = good.filter(~pl.col("_ok"))
-    if bad_v.height:
-        first_bad = pl.coalesce([
-            pl.when(~o).then(pl.format("{} = '{}'", pl.lit(c), pl.col(c))) for o, c in zip(ok, names)])
-        bad_v = bad_v.with_columns(first_bad.alias("_bad"))
-        err_frames.append(bad_v.select(
-            "image_id", pl.lit(uri).alias("uri"),
-            pl.format("{} line {}: {}, expected {}", pl.lit(name), pl.col("line"), pl.col("_bad"),
-                      pl.lit(expect)).alias("reason")))
-    good = good.filter(pl.col("_ok")).drop("_ok")
-    if kind == "pm1":
-        good = good.with_columns([(pl.col(c) == "1").alias(c) for c in names])
-    else:
-        good = good.with_columns([pl.col(c).cast(pl.Int64) for c in names])
+    err_frames += bad_ns + bad_vs
 
     # Duplicate ids: keep the first, record the rest with where the kept one is.
     first_line = pl.col("line").min().over("image_id")
@@ -282,6 +339,60 @@ def parse_annotation(data: bytes, uri: str, *, csv: bool, count_line: bool, head
     return Parsed(rows=good, errors=errs, names=names, declared=declared, data_lines=data_lines)
 
 
+def _parse_rows(lines: list[str], start: int, uri: str, *, csv: bool, want: int,
+                positions: list[int], names: list[str], kind: str
+                ) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame, int]:
+    """One piece of an annotation file's body (``lines``, the first being line ``start + 1``):
+    its good rows typed (image_id, line, one column per value), its rows with the wrong number
+    of fields and its rows with a bad value as errors rows, and its count of non-blank lines."""
+    name = posixpath.basename(uri)
+    body = pl.DataFrame({"raw": lines}, schema={"raw": pl.Utf8}).with_row_index(
+        "line", offset=start + 1)
+    body = body.filter(pl.col("raw").str.strip_chars() != "")
+    # csv: split on commas (an empty field still counts as a column); txt: runs of whitespace.
+    if csv:
+        body = body.with_columns(pl.col("raw").str.strip_chars().str.split(",").alias("tok"))
+    else:
+        body = body.with_columns(_squeeze_spaces(body["raw"]).str.split(" ").alias("tok"))
+    body = body.drop("raw").with_columns(pl.col("tok").list.len().alias("n"))
+    bad_n = body.filter(pl.col("n") != want).select(
+        pl.col("tok").list.first().alias("image_id"), pl.lit(uri).alias("uri"),
+        pl.format("{} line {}: expected {} columns (image id + {} values), found {}",
+                  pl.lit(name), pl.col("line"), pl.lit(want), pl.lit(want - 1),
+                  pl.col("n")).alias("reason"))
+    good = body.filter(pl.col("n") == want).select(
+        pl.col("tok").list.get(0).str.strip_chars().alias("image_id"), "line",
+        *[pl.col("tok").list.get(i + 1).str.strip_chars().alias(c)
+          for i, c in zip(positions, names)])
+    n_lines = body.height
+    del body
+
+    # Values: find the first bad value of each row (one vectorised pass per column).
+    if kind == "pm1":
+        ok = [pl.col(c).is_in(["1", "-1"]) for c in names]
+        expect = "1 or -1"
+    else:
+        ok = [pl.col(c).str.strip_chars().cast(pl.Int64, strict=False).is_not_null() for c in names]
+        expect = "an integer"
+    # Messages are built only for the (few) bad rows: formatting 40 strings for every row of a
+    # 200k-row file would cost more than the whole parse.
+    good = good.with_columns(pl.all_horizontal(ok).alias("_ok"))
+    bad_v = good.filter(~pl.col("_ok"))
+    if bad_v.height:
+        first_bad = pl.coalesce([
+            pl.when(~o).then(pl.format("{} = '{}'", pl.lit(c), pl.col(c))) for o, c in zip(ok, names)])
+        bad_v = bad_v.with_columns(first_bad.alias("_bad")).select(
+            "image_id", pl.lit(uri).alias("uri"),
+            pl.format("{} line {}: {}, expected {}", pl.lit(name), pl.col("line"), pl.col("_bad"),
+                      pl.lit(expect)).alias("reason"))
+    good = good.filter(pl.col("_ok")).drop("_ok")
+    if kind == "pm1":
+        good = good.with_columns([(pl.col(c) == "1").alias(c) for c in names])
+    else:
+        good = good.with_columns([pl.col(c).cast(pl.Int64) for c in names])
+    return good, bad_n, bad_v, n_lines
+
+
 # ---------------------------------------------------------------------------------------------
 # Listing
 
@@ -294,15 +405,18 @@ def list_root(root: storage.Location) -> pl.DataFrame:
 def _list(root: storage.Location) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The listing and one errors row per entry it left out (a symlink out of the root or round
     a loop, a broken link, a name that is not UTF-8; see :func:`storage.list_tree`)."""
-    infos, skipped = storage.list_tree(root, recursive=True)
+    files, skipped = storage.list_table(root, recursive=True)
     errs = pl.DataFrame({"image_id": [None] * len(skipped), "uri": [k.uri for k in skipped],
                          "reason": [f"not listed: {k.reason}" for k in skipped]}, schema=_ERR_COLS)
+    df = pl.from_arrow(files.select(["path", "size"]))
+    del files
     base = root.path.rstrip("/") + "/"
-    rel = [i.path[len(base):] if i.path.startswith(base) else posixpath.relpath(i.path, root.path)
-           for i in infos]
-    return pl.DataFrame({"rel": rel, "path": [i.path for i in infos],
-                         "size": [i.size for i in infos]},
-                        schema={"rel": pl.Utf8, "path": pl.Utf8, "size": pl.Int64}), errs
+    under = pl.col("path").str.starts_with(base)
+    rel = pl.col("path").str.slice(len(base))
+    if not df.select(under.all()).item():  # paths not spelled from the root (none locally)
+        rel = pl.when(under).then(rel).otherwise(pl.col("path").map_elements(
+            lambda p: posixpath.relpath(p, root.path), return_dtype=pl.Utf8))
+    return df.select(rel.alias("rel"), "path", "size"), errs
 
 
 def _uri_expr(root: storage.Location) -> pl.Expr:
@@ -513,6 +627,9 @@ def _celeba(cfg: Config, root: storage.Location, listing: pl.DataFrame):
                                    root, cfg.data.max_image_bytes)
     errs.append(zero)
     df = ann.join(imgs, on="image_id", how="inner")
+    # One row per image each: let go of them before the next file is parsed (its working memory
+    # can then reuse theirs).
+    del attr, ann, imgs, missing, unannotated
 
     # Official split.
     part_rel = _find(listing, CELEBA_FILES["partition"])
@@ -537,6 +654,7 @@ def _celeba(cfg: Config, root: storage.Location, listing: pl.DataFrame):
                 "image_id", _uri_expr(root),
                 pl.lit(f"no valid row in {posixpath.basename(part_rel)} (no split)").alias("reason")))
         df = df.join(part_rows, on="image_id", how="inner")
+        del part, part_rows, no_split
         details["split_source"] = part_rel
     else:
         log.warning("%s: no list_eval_partition file; splits drawn from the seed "
@@ -680,6 +798,7 @@ def build_manifest(cfg: Config, listing: pl.DataFrame | None = None) -> tuple[pa
         storage.check_readable(root)  # bad endpoint / bucket / keys: one line, before any work
         listing, skipped = _list(root)
     df, err_frames, attributes, details = ADAPTERS[cfg.data.dataset](cfg, root, listing)
+    del listing  # one row per file; the manifest has what it needs from it
     err_frames = [skipped, *err_frames]
     schema = manifest_schema(attributes)
     df = df.with_columns(_uri_expr(root), pl.lit(cfg.data.dataset).alias("dataset"))
@@ -695,7 +814,15 @@ def build_manifest(cfg: Config, listing: pl.DataFrame | None = None) -> tuple[pa
         df = df[np.sort(order)]
     df = draw_split(cfg, df, details)  # after the limit: the subset gets all three splits
     check_split(df, details)
-    manifest = storage.conform(df.select([f.name for f in schema]).to_arrow(), schema)
+    # Converted one column at a time, each let go of once converted, so the driver never holds
+    # the whole manifest twice (polars and Arrow) nor its strings three times (issue 16).
+    df = df.select([f.name for f in schema])
+    cols = {}
+    for f in schema:
+        cols[f.name] = df.get_column(f.name).to_arrow().cast(f.type)
+        df = df.drop(f.name)
+    manifest = storage.conform(pa.table(cols), schema)
+    del cols
     errs = [e for e in err_frames if e.height]
     err_df = pl.concat([e.select(list(_ERR_COLS)).cast(_ERR_COLS) for e in errs], how="vertical") \
         if errs else _no_errors()

@@ -12,6 +12,7 @@ only becomes visible once its upload completes, which gives the same guarantee.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import io
 import json
@@ -25,6 +26,7 @@ from functools import lru_cache
 from typing import Iterable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -196,64 +198,130 @@ def _utf8(name: str) -> bool:
         return False
 
 
-def _name(entry: os.DirEntry) -> str:
-    return entry.name
+# What a listing gives per file: the filesystem path, the size in bytes and the modification time.
+LISTING_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64())])
+_LIST_BATCH = 8192  # files stat-ed and turned into Arrow columns at a time
 
 
-def _walk_local(root: str, recursive: bool) -> tuple[list[pafs.FileInfo], list[Skipped]]:
-    """Files under ``root`` without leaving it: the real folders are listed first, then each
-    symlink is followed only when its target lies inside ``root`` and was not reached before
-    (real paths are deduplicated, so a link loop ends at once); every link not followed and
-    every name that is not UTF-8 is a :class:`Skipped`."""
+def _join(folder: str, name: str) -> str:
+    # as os.scandir builds DirEntry.path
+    return folder + name if folder.endswith("/") else folder + "/" + name
+
+
+def _walk_local(root: str, recursive: bool) -> tuple[pa.Table, list[Skipped]]:
+    """Files under ``root`` without leaving it (a :data:`LISTING_SCHEMA` table): the real folders
+    are listed first, then each symlink is followed only when its target lies inside ``root`` and
+    was not reached before (real paths are deduplicated, so a link loop ends at once); every link
+    not followed and every name that is not UTF-8 is a :class:`Skipped`. Each folder's entries
+    come in name order, a sub-folder's files at the sub-folder's place.
+
+    A folder's plain files are kept as their names only until they are stat-ed, in batches, into
+    Arrow columns: 202,599 images in one folder cost their names, not a DirEntry, a FileInfo and
+    a path string each (issue 16)."""
     real_root = os.path.realpath(root)
-    files: list[pafs.FileInfo] = []
+    batches: list[pa.RecordBatch] = []
     skipped: list[Skipped] = []
     seen_dirs = {real_root}
-    seen_files: dict[str, str] = {}
+    listed_dirs: dict[str, str] = {}  # real path of a listed folder -> the path it was listed as
+    linked_files: dict[str, str] = {}  # real path of a file listed through a link -> that link
     links: list[str] = []
 
     def inside(real: str) -> bool:
         return real == real_root or real.startswith(real_root.rstrip("/") + "/")
 
-    local = pafs.LocalFileSystem()
+    def add(paths: list[str], sizes: list[int], mtimes: list[int]) -> None:
+        if paths:
+            batches.append(pa.record_batch(
+                [pa.array(paths, pa.string()), pa.array(sizes, pa.int64()),
+                 pa.array(mtimes, pa.int64())], schema=LISTING_SCHEMA))
+
+    def add_plain(folder: str, names: list[str]) -> None:
+        for lo in range(0, len(names), _LIST_BATCH):
+            paths, sizes, mtimes = [], [], []
+            for name in names[lo:lo + _LIST_BATCH]:
+                path = _join(folder, name)
+                try:
+                    st = os.lstat(path)
+                except OSError as exc:
+                    skipped.append(Skipped(path, describe_error(path, exc).split(": ", 1)[-1]))
+                    continue
+                paths.append(path)
+                sizes.append(st.st_size)
+                mtimes.append(st.st_mtime_ns)
+            add(paths, sizes, mtimes)
 
     def visit(folder: str, real_folder: str) -> None:
+        listed_dirs.setdefault(real_folder, folder)
+        # Plain files (most entries) as Arrow string chunks of names: a Python list of every
+        # name would leave its memory pinned by whatever is allocated while it lives.
+        plain: list[pa.Array] = []
+        names: list[str] = []
+        other: list[tuple[str, os.DirEntry, OSError | None]] = []  # folders, links, odd names
         try:
             with os.scandir(folder) as it:
-                entries = sorted(it, key=_name)
+                for entry in it:
+                    if not _utf8(entry.name):
+                        other.append((entry.name, entry, None))
+                        continue
+                    try:
+                        if entry.is_symlink() or entry.is_dir(follow_symlinks=False):
+                            other.append((entry.name, entry, None))
+                        elif entry.is_file(follow_symlinks=False):
+                            names.append(entry.name)
+                            if len(names) == _LIST_BATCH:
+                                plain.append(pa.array(names, pa.string()))
+                                names = []
+                    except OSError as exc:
+                        other.append((entry.name, entry, exc))
         except FileNotFoundError:
             return
-        # sizes of plain files from pyarrow's (C++) listing of this one folder; it fails on a
-        # name that is not UTF-8, and then this folder's files are stat-ed here instead
-        try:
-            fast = {i.base_name: i for i in local.get_file_info(pafs.FileSelector(folder))}
-        except (UnicodeDecodeError, OSError, pa.ArrowException):
-            fast = {}
+        plain.append(pa.array(names, pa.string()))
+        del names
+        # Arrow sorts UTF-8 bytewise, which is code point order: the order sorted() gives.
+        sorted_names = pa.concat_arrays(plain)
+        sorted_names = sorted_names.take(pc.sort_indices(sorted_names))
+        del plain
+        other.sort(key=lambda o: o[0])
         prefix = real_folder.rstrip("/") + "/"
-        for entry in entries:
+        pending = iter(other)
+        nxt = next(pending, None)
+
+        def handle(name: str, entry: os.DirEntry, exc: OSError | None) -> None:
             path = entry.path
-            if not _utf8(entry.name):
+            if not _utf8(name):
                 skipped.append(Skipped(_printable(path), "file name is not valid UTF-8; "
                                        "rename it to read it"))
-                continue
-            try:
-                if not entry.is_symlink():
-                    if entry.is_dir(follow_symlinks=False):
-                        if recursive:
-                            seen_dirs.add(prefix + entry.name)
-                            visit(path, prefix + entry.name)
-                    elif entry.is_file(follow_symlinks=False):
-                        info = fast.get(entry.name)
-                        if info is None or info.type != pafs.FileType.File:
-                            st = entry.stat(follow_symlinks=False)
-                            info = pafs.FileInfo(path, pafs.FileType.File, size=st.st_size,
-                                                 mtime_ns=st.st_mtime_ns)
-                        seen_files.setdefault(prefix + entry.name, path)
-                        files.append(info)
-                    continue
-                links.append(path)  # followed after every real folder is listed
-            except OSError as exc:
+            elif exc is not None:
                 skipped.append(Skipped(path, describe_error(path, exc).split(": ", 1)[-1]))
+            elif entry.is_symlink():
+                links.append(path)  # followed after every real folder is listed
+            elif recursive:  # a folder
+                seen_dirs.add(prefix + name)
+                visit(path, prefix + name)
+
+        for lo in range(0, len(sorted_names), _LIST_BATCH):
+            chunk = sorted_names.slice(lo, _LIST_BATCH).to_pylist()
+            done = 0  # plain files of this chunk listed so far
+            # the entries named before this chunk's last file, each at its place
+            while nxt is not None and nxt[0] < chunk[-1]:
+                at = bisect.bisect_left(chunk, nxt[0], done)
+                add_plain(folder, chunk[done:at])
+                done = at
+                handle(*nxt)
+                nxt = next(pending, None)
+            add_plain(folder, chunk[done:])
+        while nxt is not None:
+            handle(*nxt)
+            nxt = next(pending, None)
+
+    def listed_as(real: str) -> str | None:
+        """The path a file was already listed as (``real``: its real path), None if not yet."""
+        if real in linked_files:
+            return linked_files[real]
+        parent, base = os.path.split(real)
+        folder = listed_dirs.get(parent)
+        # a real path names no link, so the file was listed there as a plain file
+        return _join(folder, base) if folder is not None and _utf8(base) else None
 
     def follow(path: str) -> None:
         try:
@@ -279,36 +347,53 @@ def _walk_local(root: str, recursive: bool) -> tuple[list[pafs.FileInfo], list[S
             seen_dirs.add(real)
             visit(path, real)
         elif stat.S_ISREG(st.st_mode):
-            if real in seen_files:
+            listed = listed_as(real)
+            if listed is not None:
                 skipped.append(Skipped(path, f"symbolic link to a file already listed as "
-                                       f"{seen_files[real]}; not read twice"))
+                                       f"{listed}; not read twice"))
                 return
-            seen_files[real] = path
-            files.append(pafs.FileInfo(path, pafs.FileType.File, size=st.st_size,
-                                       mtime_ns=st.st_mtime_ns))
+            linked_files[real] = path
+            add([path], [st.st_size], [st.st_mtime_ns])
 
     if os.path.isdir(root):
         visit(root, real_root)
         while links:  # in the order met; each may list more folders (and so more links)
             follow(links.pop(0))
-    return files, skipped
+    return pa.Table.from_batches(batches, schema=LISTING_SCHEMA), skipped
 
 
-def list_tree(loc: Location, recursive: bool = True) -> tuple[list[pafs.FileInfo], list[Skipped]]:
-    """Files under ``loc`` and the entries left out (see :func:`_walk_local`; S3 has no links).
-
-    A local listing never follows a symlink out of ``loc`` or round a loop."""
+def list_table(loc: Location, recursive: bool = True) -> tuple[pa.Table, list[Skipped]]:
+    """Files under ``loc`` as a :data:`LISTING_SCHEMA` table, and the entries left out (see
+    :func:`_walk_local`; S3 has no links). A local listing never follows a symlink out of
+    ``loc`` or round a loop."""
     if isinstance(loc.fs, pafs.LocalFileSystem):
         try:
             return _walk_local(loc.path, recursive)
         except OSError as exc:
             raise _wrap(loc.uri, exc) from None
+    infos = _remote_files(loc, recursive)
+    return pa.table([pa.array([i.path for i in infos], pa.string()),
+                     pa.array([i.size for i in infos], pa.int64()),
+                     pa.array([i.mtime_ns for i in infos], pa.int64())],
+                    schema=LISTING_SCHEMA), []
+
+
+def list_tree(loc: Location, recursive: bool = True) -> tuple[list[pafs.FileInfo], list[Skipped]]:
+    """:func:`list_table` as FileInfo objects (for folders of a few files: one object each)."""
+    if not isinstance(loc.fs, pafs.LocalFileSystem):
+        return _remote_files(loc, recursive), []
+    table, skipped = list_table(loc, recursive)
+    return [pafs.FileInfo(p, pafs.FileType.File, size=s, mtime_ns=m) for p, s, m in
+            zip(*(table.column(c).to_pylist() for c in ("path", "size", "mtime_ns")))], skipped
+
+
+def _remote_files(loc: Location, recursive: bool) -> list[pafs.FileInfo]:
     try:
         infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=recursive,
                                                        allow_not_found=True))
     except (OSError, pa.ArrowException) as exc:
         raise _wrap(loc.uri, exc) from None
-    return [i for i in infos if i.type == pafs.FileType.File], []
+    return [i for i in infos if i.type == pafs.FileType.File]
 
 
 def list_files(loc: Location, recursive: bool = True) -> list[pafs.FileInfo]:
@@ -317,8 +402,12 @@ def list_files(loc: Location, recursive: bool = True) -> list[pafs.FileInfo]:
 
 
 def read_bytes(loc: Location) -> bytes:
+    # A local file is read straight into the bytes object (its size is known); a stream is read
+    # into an Arrow buffer first and then copied, which holds the file twice (26 MB extra for
+    # CelebA's attribute file, kept by Arrow's allocator afterwards).
+    local = isinstance(loc.fs, pafs.LocalFileSystem)
     try:
-        with loc.fs.open_input_stream(loc.path) as f:
+        with (loc.fs.open_input_file if local else loc.fs.open_input_stream)(loc.path) as f:
             return f.read()
     except FileNotFoundError:
         raise StorageError(f"{loc.uri}: not found") from None

@@ -97,6 +97,33 @@ def test_parse_each_bad_line_is_reported_and_good_rows_kept():
     assert len(reasons) == 5
 
 
+@pytest.mark.parametrize("kind", ["txt", "non-utf8"])
+def test_parse_in_pieces_gives_the_same_rows_and_errors(kind):
+    """The body is parsed in pieces cut after a newline: every piece size (down to one byte, one
+    line per piece) gives the same rows, errors and line numbers as one piece for the whole
+    file, with a BOM, CRLF and a lone CR, blank lines, a duplicate id in another piece, bad
+    values and bad field counts (and, for a file that is not all UTF-8, its undecodable lines)."""
+    body = [f"{i}.jpg {'1' if i % 3 else '-1'}  -1" for i in range(1, 40)]
+    body[4] = "5.jpg 1"                       # too few columns
+    body[9] = "10.jpg 1 0"                    # value other than +-1
+    body[30] = body[2]                        # duplicate of line 5's id, pieces later
+    body.insert(20, "")
+    text = ("\ufeff41\r\nA B\r\n" + "\r\n".join(body[:25]) + "\r" + "\n".join(body[25:])
+            + "\n").encode()
+    if kind == "non-utf8":
+        text = text.replace(b"11.jpg 1", b"11.jpg \xff1").replace(b"33.jpg", b"33\xfe.jpg")
+    whole = ingest.parse_annotation(text, "/d/list_attr_celeba.txt", csv=False, count_line=True,
+                                    header=True, chunk_bytes=len(text) + 1)
+    assert whole.rows.height > 30 and whole.errors.height >= 4
+    if kind == "non-utf8":
+        assert sum("not valid UTF-8" in r for r in whole.errors["reason"]) == 2
+    for size in (1, 7, 64, 200):
+        piece = ingest.parse_annotation(text, "/d/list_attr_celeba.txt", csv=False,
+                                        count_line=True, header=True, chunk_bytes=size)
+        assert piece.rows.equals(whole.rows) and piece.errors.equals(whole.errors), size
+        assert (piece.declared, piece.data_lines) == (whole.declared, whole.data_lines)
+
+
 def test_parse_rejects_a_file_whose_header_is_wrong():
     with pytest.raises(ValueError, match="expected a CSV header starting with 'image_id'"):
         ingest.parse_annotation(b"id,A\n1.jpg,1\n", "/d/list_attr_celeba.csv", csv=True,
