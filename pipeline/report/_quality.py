@@ -130,13 +130,14 @@ def _faces_rows(ctx: Context, reader: FaceReader, groups: list[tuple[str, list[s
 
 
 def _conflicts(ctx: Context, reader: FaceReader) -> list[str]:
-    conf = ctx.table(LABEL_CONFLICTS)
-    dups = ctx.table(DUPLICATES)
-    if conf is None or dups is None:
+    if not (ctx.has(LABEL_CONFLICTS) and ctx.has(DUPLICATES)):
         return [ctx.missing(LABEL_CONFLICTS)]
+    # narrow reads: the list columns (members, values) are read for the groups drawn only; at
+    # full CelebA they hold millions of strings (a DataFrame of them doubled the driver's peak)
+    conf = ctx.table(LABEL_CONFLICTS, columns=("group", "kind", "attribute"))
+    dups = ctx.table(DUPLICATES, columns=("group", "kind", "image_id", "split", "distance"))
     if conf.empty:
         return [note("No duplicate group has conflicting labels.")]
-    require(conf, ("group", "kind", "attribute", "image_ids", "values"), LABEL_CONFLICTS)
     per = conf.groupby(["kind", "attribute"]).size().rename("groups").reset_index()
     out = [table_html(per.sort_values(["kind", "groups"], ascending=[True, False]),
                       caption="Duplicate groups whose members' annotations differ, per attribute")]
@@ -151,7 +152,9 @@ def _conflicts(ctx: Context, reader: FaceReader) -> list[str]:
     for r in d.itertuples():
         members = dups[(dups["kind"] == r.kind) & (dups["group"] == r.group)].sort_values("image_id")
         ids = members["image_id"].tolist()[:6]
-        rows = conf[(conf["kind"] == r.kind) & (conf["group"] == r.group)]
+        rows = ctx.rows_where(LABEL_CONFLICTS, ("attribute", "image_ids", "values"),
+                              kind=r.kind, group=int(r.group))
+        require(rows, ("attribute", "image_ids", "values"), LABEL_CONFLICTS)
         labels = []
         for i in ids:
             parts = []
