@@ -321,3 +321,18 @@ def test_findings_quote_the_audits_label_noise_disparities(full_run):
             assert f"Label noise in {attr} differs by {by}" in findings, (attr, by)
     else:
         assert "no significant difference in suspected label errors" in findings
+
+
+def test_a_narrow_read_of_a_table_lacking_a_column_names_what_is_missing(tmp_path):
+    import pyarrow as pa
+
+    from pipeline.report._context import Context, ReportDataError
+
+    cfg = tiny_config(tmp_path, "report.dpi=60")
+    tables.replace(cfg, "audit/label_conflicts", pa.table({"group": [1], "kind": ["exact"]}))
+    ctx = Context(cfg)
+    with pytest.raises(ReportDataError, match=r"audit/label_conflicts lacks the columns \['attribute'\]"):
+        ctx.table("audit/label_conflicts", columns=("group", "kind", "attribute"))
+    with pytest.raises(ReportDataError, match=r"lacks the columns \['values'\]"):
+        ctx.rows_where("audit/label_conflicts", ("group", "values"), kind="exact")
+    assert ctx.table("audit/label_conflicts", columns=("group",))["group"].tolist() == [1]

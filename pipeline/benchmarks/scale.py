@@ -161,7 +161,7 @@ def run_size(cfg, root: Path, out: Path, stages: list[str] | None = None) -> lis
 
 def source_dirs(annotations: str = "", images_from: str = "", workdir: str = "",
                 shared: Path | None = None) -> tuple[Path, Path, Path]:
-    """(official annotation files, real JPEGs to link, work folder, created) for a full-size
+    """(official annotation files, real JPEGs to link, work folder (created)) for a full-size
     CelebA layout; defaults under ``shared`` (../shared/real or $FACEAUDIT_REAL_DATA)."""
     shared = shared or Path(os.environ.get("FACEAUDIT_REAL_DATA") or SHARED_REAL)
     annotations_dir = Path(annotations) if annotations else shared / "celeba-full"

@@ -115,9 +115,20 @@ class Context:
             if not tables.exists(self.cfg, name):
                 self._cache[key] = None
             else:
+                if columns:
+                    self._require_columns(name, columns)
                 t = tables.read(self.cfg, name, columns=list(columns) if columns else None)
                 self._cache[key] = t.to_pandas()
         return self._cache[key]
+
+    def _require_columns(self, name: str, columns: Iterable[str]) -> None:
+        """A narrow read of a table lacking a column is a :class:`ReportDataError` naming what
+        is missing (as :func:`require` says of a table read whole), not Arrow's error."""
+        schema = storage.read_schema(tables.location(self.cfg, name))
+        missing = [c for c in columns if schema is not None and c not in schema.names]
+        if missing:
+            raise ReportDataError(f"{name} lacks the columns {missing}; its columns are "
+                                  f"{schema.names}")
 
     def rows_where(self, name: str, columns: Iterable[str], **equal: object
                    ) -> pd.DataFrame | None:
@@ -131,6 +142,7 @@ class Context:
             if not tables.exists(self.cfg, name):
                 self._cache[key] = None
             else:
+                self._require_columns(name, [*columns, *equal])
                 loc = tables.location(self.cfg, name)
                 ds = pads.dataset(storage.parquet_files(loc), filesystem=loc.fs,
                                   format="parquet")

@@ -154,7 +154,6 @@ def _conflicts(ctx: Context, reader: FaceReader) -> list[str]:
         ids = members["image_id"].tolist()[:6]
         rows = ctx.rows_where(LABEL_CONFLICTS, ("attribute", "image_ids", "values"),
                               kind=r.kind, group=int(r.group))
-        require(rows, ("attribute", "image_ids", "values"), LABEL_CONFLICTS)
         labels = []
         for i in ids:
             parts = []
