@@ -336,16 +336,11 @@ class AttributeInfer:
         with torch.inference_mode(), self.amp():
             feats = self.attr_model.embed(xa)
             logits = self.attr_model.head(feats)  # eval: dropout is the identity
-            probs = torch.sigmoid(logits.float()).cpu().numpy()
-            if self.separate:
-                return probs, None
-            # attribute_backbone: the same forward pass gives the embedding
-            e = feats if self.emb_model is None else self.emb_model(xe)
             if self.separate:
                 # dlib: the embedding comes from the next pool; only probabilities leave here
                 out = torch.sigmoid(logits.float())
             else:
-                # attribute_backbone: the same forward pass gives the embedding
+                # one embedding pass (attribute_backbone: the attribute pass's own features)
                 e = feats if self.emb_model is None else self.emb_model(xe)
                 out = torch.cat([torch.sigmoid(logits.float()), e.float()], dim=1)
         if self.device.type == "cuda":

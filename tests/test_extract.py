@@ -317,6 +317,35 @@ def test_actor_inputs_match_the_reference_normalisation(tmp_path):
     assert out["p_Male"][1].as_py() is None and out["p_Male"][0].as_py() is not None
 
 
+def test_forward_runs_each_model_once_per_batch(tmp_path):
+    """One batch is one pass of the attribute model and one of the embedding model, and the
+    outputs are theirs (a merge once left a second embedding pass and a second sync in)."""
+    cfg = small_cfg(tmp_path, "extract.embedding=resnet50", "extract.embedding_image_size=32")
+    export_random_attribute_model(cfg)
+    inf = extract.AttributeInfer(cfg, use_gpu=False, threads=1)
+    calls = {"attr": 0, "emb": 0}
+    # the actor calls the attribute model as embed + head, the embedding model as a module
+    inf.attr_model.embed = _counted(inf.attr_model.embed, calls, "attr")
+    inf.emb_model.register_forward_hook(lambda *_: calls.__setitem__("emb", calls["emb"] + 1))
+    rng = np.random.default_rng(2)
+    xa = torch.from_numpy(rng.standard_normal((2, 3, 32, 32), np.float32))
+    xe = torch.from_numpy(rng.standard_normal((2, 3, 32, 32), np.float32))
+    probs, emb = inf.forward(xa, xe)
+    assert calls == {"attr": 1, "emb": 1}
+    with torch.inference_mode():
+        want_emb = inf.emb_model(xe).numpy()
+        want_probs = torch.sigmoid(inf.attr_model.head(inf.attr_model.embed(xa))).numpy()
+    assert np.allclose(emb, want_emb, atol=1e-5) and np.allclose(probs, want_probs, atol=1e-6)
+    assert probs.shape == (2, len(inf.attributes))
+
+
+def _counted(fn, calls, name):
+    def wrapped(*args, **kwargs):
+        calls[name] += 1
+        return fn(*args, **kwargs)
+    return wrapped
+
+
 def test_host_chain_benchmark_runs_and_both_chains_agree():
     """`python -m jobs.benchmark extract_host` at tiny sizes: it checks the old and new chains
     give the same pixels and outputs before timing them."""
