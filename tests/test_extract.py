@@ -388,3 +388,20 @@ def test_shard_writer_runs_off_the_stream_bounded_and_stops_after_a_failure(monk
     with pytest.raises(OSError, match="S3 said no"):
         w.close()
     assert written == []  # nothing after the failed shard is written
+
+
+@pytest.mark.slow
+def test_extract_benchmark_measures_the_bare_models_on_both_sides(tmp_path, ray_session):
+    """`python -m jobs.benchmark extract -- --images N` at a tiny size: the pipeline's rate, the
+    bare models measured before and after it, and the ratio to their mean."""
+    from pipeline.benchmarks import extract as bench
+
+    cfg = small_cfg(tmp_path, "extract.max_actors=1", "extract.cpus_per_actor=1",
+                    "extract.embedding=attribute_backbone")
+    out = bench.run(cfg, images=24, bare_seconds=0.2)
+    assert out["images"] == 24 and out["error_rows"] == 0
+    runs = out["a_bare_runs_images_per_s"]
+    assert len(runs) == 2 and all(r > 0 for r in runs)
+    assert out["a_bare_models_images_per_s"] == pytest.approx(sum(runs) / 2, abs=0.1)
+    assert out["ratio_b_over_a"] == pytest.approx(
+        out["b_pipeline_images_per_s"] / out["a_bare_models_images_per_s"], abs=2e-3)

@@ -4,7 +4,8 @@ Measures on the same machine, in one run:
 
 (a) bare model throughput: both models' forward passes on pre-decoded, pre-normalised tensors in
     a loop, inside a Ray actor with exactly the inference actor's resources (same torch threads,
-    or the same GPU) -- the ceiling the pipeline can reach;
+    or the same GPU) -- the ceiling the pipeline can reach; measured before and after (b) (with
+    ``--bare-before false`` only after), the mean is the baseline;
 (b) the extract pipeline end to end from image files (read, decode, both models, Parquet commits),
     images/s over the stage's wall time, and the steady-state rate after the first shard
     (excluding the actor's start-up and model loading).
@@ -60,7 +61,7 @@ def _bare_throughput(cfg, use_gpu: bool, threads: int, batch, seconds: float) ->
 # --------------------------------------------------------------------------- entry
 
 def run(cfg, images: int = 0, memory: bool = False, bare_seconds: float = 20.0,
-        keep: bool = False) -> dict:
+        keep: bool = False, bare_before: bool = True) -> dict:
     import numpy as np
     import pyarrow as pa
     import ray
@@ -95,18 +96,9 @@ def run(cfg, images: int = 0, memory: bool = False, bare_seconds: float = 20.0,
         n_images = tables.read(bcfg, "manifest", columns=["image_id"]).num_rows
         e = bcfg.extract
 
-        # (b) the pipeline, end to end from files
-        sampler = MemorySampler() if memory else None
-        if sampler:
-            sampler.start()
-        t0 = time.perf_counter()
-        result = extract.run(bcfg)
-        wall = time.perf_counter() - t0
-        if sampler:
-            sampler.stop()
-        first_commit = _first_commit_time(bcfg, t0)
-
-        # (a) the bare models, in an actor with the inference actor's resources
+        # (a) the bare models, in an actor with the inference actor's resources, measured
+        # before and after (b): this machine's speed drifts by 10-20 % over minutes (shared
+        # host), so one measurement on one side of the pipeline biases the ratio
         gpus = extract.gpus_per_actor(bcfg)
         threads = max(1, int(round(e.cpus_per_actor)))
         man = tables.read(bcfg, "manifest", columns=["image_id", "uri"]).sort_by("image_id")
@@ -120,7 +112,25 @@ def run(cfg, images: int = 0, memory: bool = False, bare_seconds: float = 20.0,
         batch = extract.decode_block(sample, storage_cfg=bcfg.storage, sizes=sizes,
                                      min_side=e.min_image_side, read_threads=e.read_threads)
         bare_fn = ray.remote(num_cpus=e.cpus_per_actor, num_gpus=gpus)(_bare_throughput)
-        bare = ray.get(bare_fn.remote(bcfg, gpus > 0, threads, batch, float(bare_seconds)))
+
+        def bare_once() -> dict:
+            return ray.get(bare_fn.remote(bcfg, gpus > 0, threads, batch, float(bare_seconds)))
+
+        bare_runs = [bare_once()] if bare_before else []
+
+        # (b) the pipeline, end to end from files
+        sampler = MemorySampler() if memory else None
+        if sampler:
+            sampler.start()
+        t0 = time.perf_counter()
+        result = extract.run(bcfg)
+        wall = time.perf_counter() - t0
+        if sampler:
+            sampler.stop()
+        first_commit = _first_commit_time(bcfg, t0)
+        bare_runs.append(bare_once())
+        bare = {"images_per_s": sum(r["images_per_s"] for r in bare_runs) / len(bare_runs),
+                "threads": bare_runs[-1]["threads"]}
 
         e2e = n_images / wall
         steady = None
@@ -136,6 +146,7 @@ def run(cfg, images: int = 0, memory: bool = False, bare_seconds: float = 20.0,
             "actor": {"cpus": e.cpus_per_actor, "gpus": gpus, "torch_threads": bare["threads"]},
             "ray_cpus": ray.cluster_resources().get("CPU", 0.0),
             "a_bare_models_images_per_s": round(bare["images_per_s"], 1),
+            "a_bare_runs_images_per_s": [round(r["images_per_s"], 1) for r in bare_runs],
             "b_pipeline_images_per_s": round(e2e, 1),
             "b_pipeline_wall_s": round(wall, 1),
             "ratio_b_over_a": round(e2e / bare["images_per_s"], 3),
