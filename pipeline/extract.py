@@ -873,6 +873,7 @@ def _dataset(cfg: Config, work: pa.Table, models: _Models, gpus: float, lo: int,
     ds = ds.map_batches(
         decode_block, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
         num_cpus=e.cpus_per_decode_task,
+        compute=ray.data.TaskPoolStrategy(size=e.decode_tasks or None),
         fn_kwargs={"storage_cfg": cfg.storage, "sizes": models.sizes,
                    "min_side": e.min_image_side, "read_threads": e.read_threads,
                    "max_pixels": cfg.data.max_image_pixels,

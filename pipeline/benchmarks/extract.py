@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.benchmarks import headline
+from pipeline.benchmarks import headline, wait_until_quiet
 from pipeline.benchmarks.memory import MemorySampler
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,7 @@ def run(cfg, images: int = 0, memory: bool = False, bare_seconds: float = 20.0,
         def bare_once() -> dict:
             return ray.get(bare_fn.remote(bcfg, gpus > 0, threads, batch, float(bare_seconds)))
 
+        quiet_s = [wait_until_quiet()]
         bare_runs = [bare_once()] if bare_before else []
 
         # (b) the pipeline, end to end from files
@@ -128,6 +129,7 @@ def run(cfg, images: int = 0, memory: bool = False, bare_seconds: float = 20.0,
         if sampler:
             sampler.stop()
         first_commit = _first_commit_time(bcfg, t0)
+        quiet_s.append(wait_until_quiet())  # the pipeline's workers wind down
         bare_runs.append(bare_once())
         bare = {"images_per_s": sum(r["images_per_s"] for r in bare_runs) / len(bare_runs),
                 "threads": bare_runs[-1]["threads"]}
@@ -147,6 +149,7 @@ def run(cfg, images: int = 0, memory: bool = False, bare_seconds: float = 20.0,
             "ray_cpus": ray.cluster_resources().get("CPU", 0.0),
             "a_bare_models_images_per_s": round(bare["images_per_s"], 1),
             "a_bare_runs_images_per_s": [round(r["images_per_s"], 1) for r in bare_runs],
+            "waited_for_quiet_s": quiet_s,
             "b_pipeline_images_per_s": round(e2e, 1),
             "b_pipeline_wall_s": round(wall, 1),
             "ratio_b_over_a": round(e2e / bare["images_per_s"], 3),

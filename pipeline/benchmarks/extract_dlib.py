@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.benchmarks import headline
+from pipeline.benchmarks import headline, wait_until_quiet
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ def _bare_loop(uris: list[str], upsample: int, max_side: int) -> dict:
 
 
 def _bare(uris: list[str], e, ray) -> dict:
+    wait_until_quiet()
     task = ray.remote(num_cpus=e.cpus_per_dlib_actor)(_bare_loop)
     k = e.dlib_max_actors
     t0 = time.perf_counter()
