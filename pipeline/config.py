@@ -198,9 +198,8 @@ class ExtractConfig(_Section):
     calls_per_gpu_actor: int = Field(default=2, ge=1)
     # CPUs each decode task requests.
     cpus_per_decode_task: float = Field(default=0.5, gt=0)
-    # Most decode tasks running at once (0 = as many as the CPUs left allow). On a CPU node one
-    # task decodes ~250 images/s, more than a CPU actor infers; each extra one is a worker
-    # process that starts beside the actors' model loading and decodes ahead on their cores.
+    # Most decode tasks running at once (0 = as many as the CPUs left allow); on a CPU node one
+    # task out-decodes a CPU actor, and each extra one is a process starting beside its model load.
     decode_tasks: int = Field(default=0, ge=0)
     # Rows per output Parquet file; also the unit of resume (one shard = one file). Driver memory
     # holds about one shard's features (rows_per_file x embedding dim x 4 bytes: 40 MiB at 5000).
