@@ -353,7 +353,6 @@ class AttributeInfer:
         return out[:, :k], (None if self.separate else out[:, k:])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        n = batch.num_rows
         good = np.flatnonzero(pc.is_null(batch.column("error")).to_numpy(zero_copy_only=False))
         probs = np.zeros((len(good), len(self.attributes)), np.float32)
         emb = None if self.separate else np.zeros((len(good), self.emb.dim), np.float32)

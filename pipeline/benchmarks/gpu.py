@@ -124,7 +124,6 @@ def _resplit_by_identity(manifest: pa.Table, seed: int) -> pa.Table:
 
 def run(cfg, images: int = 10000, data_root: str = "../shared/real/celeba", steps: int = 0,
         eval_rows: int = 64, bare_seconds: float = 20.0, sample_s: float = 0.5) -> dict:
-    import pyarrow.compute as pc
     import torch
 
     from pipeline import ingest, tables, train
