@@ -29,6 +29,8 @@ def wait_until_quiet(busy_below: float = 0.15, window_s: float = 2.0, max_s: flo
     while last is not None and time.perf_counter() - t0 < max_s:
         time.sleep(window_s)
         now = ticks()
+        if now is None:
+            break
         total, idle = now[0] - last[0], now[1] - last[1]
         if total > 0 and 1 - idle / total < busy_below:
             break

@@ -5,7 +5,7 @@ Measures on the same machine, in one run:
 (a) bare model throughput: both models' forward passes on pre-decoded, pre-normalised tensors in
     a loop, inside a Ray actor with exactly the inference actor's resources (same torch threads,
     or the same GPU) -- the ceiling the pipeline can reach; measured before and after (b) (with
-    ``--bare-before false`` only after), the mean is the baseline;
+    ``--bare-before false`` only after), each once the machine is quiet, the mean is the baseline;
 (b) the extract pipeline end to end from image files (read, decode, both models, Parquet commits),
     images/s over the stage's wall time, and the steady-state rate after the first shard
     (excluding the actor's start-up and model loading).
@@ -116,7 +116,7 @@ def run(cfg, images: int = 0, memory: bool = False, bare_seconds: float = 20.0,
         def bare_once() -> dict:
             return ray.get(bare_fn.remote(bcfg, gpus > 0, threads, batch, float(bare_seconds)))
 
-        quiet_s = [wait_until_quiet()]
+        quiet_s = [wait_until_quiet()] if bare_before else []
         bare_runs = [bare_once()] if bare_before else []
 
         # (b) the pipeline, end to end from files
